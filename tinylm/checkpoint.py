@@ -1,0 +1,131 @@
+"""The one checkpoint format: versioned, written atomically, loaded without unpickling code.
+
+A checkpoint alone rebuilds its model: it carries the config, the tokenizer and the weights, so inference
+never needs the training data or the network.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tinylm.config import Config, ConfigError, config_from_dict
+from tinylm.model import TinyLM
+from tinylm.tokenizer import Tokenizer, TokenizerError, tokenizer_from_dict
+
+FORMAT = "tinylm-checkpoint"
+VERSION = 1
+BEST = "best_model.pt"
+LATEST = "latest.pt"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, truncated or not tinylm's; the message names the file."""
+
+
+@dataclass
+class LoadedModel:
+    model: TinyLM
+    config: Config
+    tokenizer: Tokenizer
+    path: Path
+    info: dict[str, Any]
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """Write to a temporary file beside `path`, flush it to disk, then rename over it.
+
+    A crash at any moment leaves either the old file or the new one, never a half-written one.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(
+    path: str | Path,
+    *,
+    model: TinyLM,
+    config: Config,
+    tokenizer: Tokenizer,
+    step: int,
+    info: dict[str, Any] | None = None,
+    train_state: dict[str, Any] | None = None,
+) -> Path:
+    """Save weights, config and tokenizer (and, for resuming, the trainer's state) atomically."""
+    path = Path(path)
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "config": config.to_dict(),
+        "tokenizer": tokenizer.to_dict(),
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "step": step,
+        "info": info or {},
+        "train_state": train_state,
+    }
+    atomic_torch_save(payload, path)
+    return path
+
+
+def resolve_checkpoint_path(path: str | Path) -> Path:
+    """A checkpoint file, or a run folder (its best model, else its latest checkpoint)."""
+    path = Path(path)
+    if path.is_dir():
+        for name in (BEST, LATEST):
+            if (path / name).is_file():
+                return path / name
+        raise CheckpointError(f"{path}: folder holds no {BEST} or {LATEST}")
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    return path
+
+
+def read_checkpoint(path: str | Path) -> tuple[Path, dict[str, Any]]:
+    """Load and validate the raw checkpoint dictionary (tensors on CPU)."""
+    path = resolve_checkpoint_path(path)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint (truncated or corrupt?): {reason}"
+        ) from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a tinylm checkpoint")
+    if payload.get("version") != VERSION:
+        raise CheckpointError(f"{path}: checkpoint format version {payload.get('version')} is not {VERSION}")
+    return path, payload
+
+
+def load_model(path: str | Path, *, device: torch.device | str = "cpu") -> LoadedModel:
+    """Rebuild the model, config and tokenizer from a checkpoint, in eval mode on `device`."""
+    path, payload = read_checkpoint(path)
+    try:
+        config = config_from_dict(payload["config"], origin=str(path))
+        tokenizer = tokenizer_from_dict(payload["tokenizer"])
+    except (ConfigError, TokenizerError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path}: damaged config or tokenizer: {exc}") from None
+    model = TinyLM(config.model)
+    try:
+        model.load_state_dict(payload["model"])
+    except (RuntimeError, KeyError) as exc:
+        raise CheckpointError(
+            f"{path}: weights do not fit the model in its config: {str(exc).splitlines()[0]}"
+        ) from None
+    model.to(device).eval()
+    info = dict(payload.get("info") or {}, step=payload.get("step", 0))
+    return LoadedModel(model=model, config=config, tokenizer=tokenizer, path=path, info=info)

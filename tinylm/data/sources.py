@@ -1,0 +1,151 @@
+"""Where instruction records come from: the Hugging Face Hub, a local file, or the built-in synthetic tasks.
+
+Every source yields records in Dolly's schema (instruction, context, response, category); Alpaca's
+(instruction, input, output) is mapped onto it. Problems are reported in one line naming the file and
+line or record, so a user can fix their data without reading a traceback.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tinylm.data.synthetic import synthetic_records
+
+DOLLY = "databricks/databricks-dolly-15k"
+LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+HUB_HELP = (
+    "use a local file (--data path/to/dolly.jsonl, with instruction/context/response fields) "
+    "or the offline demo data (--data synthetic)"
+)
+
+
+class DataError(ValueError):
+    """A data problem a user must fix; the message names the file, line or record."""
+
+
+@dataclass(frozen=True)
+class Record:
+    instruction: str
+    context: str
+    response: str
+    category: str = ""
+
+
+def _to_record(raw: Any, where: str) -> Record:
+    """Map a Dolly- or Alpaca-shaped mapping to a Record, or fail naming `where`."""
+    if not isinstance(raw, dict):
+        raise DataError(f"{where}: expected an object with instruction/context/response fields")
+    if "response" in raw:
+        missing = [k for k in ("instruction", "response") if k not in raw]
+        context, response = raw.get("context", ""), raw.get("response")
+    elif "output" in raw:
+        missing = [k for k in ("instruction", "output") if k not in raw]
+        context, response = raw.get("input", ""), raw.get("output")
+    else:
+        missing = [k for k in ("instruction", "response") if k not in raw]
+        context, response = "", None
+    if missing:
+        raise DataError(f"{where}: record is missing field(s) {', '.join(missing)}")
+    values = {"instruction": raw["instruction"], "context": context, "response": response}
+    for name, value in values.items():
+        if value is None:
+            values[name] = ""
+        elif not isinstance(value, str):
+            raise DataError(f"{where}: field {name} must be text, got {type(value).__name__}")
+    return Record(
+        values["instruction"], values["context"], values["response"], str(raw.get("category") or "")
+    )
+
+
+def _read_jsonl(path: Path) -> Iterable[Record]:
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                raw = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{number}: malformed JSON ({exc.msg})") from None
+            yield _to_record(raw, f"{path}:{number}")
+
+
+def _read_json(path: Path) -> Iterable[Record]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg})") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of records")
+    return (_to_record(raw, f"{path}: record {i}") for i, raw in enumerate(data, start=1))
+
+
+def _read_csv(path: Path) -> Iterable[Record]:
+    with path.open(encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        # Line numbers count the header as line 1, as an editor shows them.
+        yield from (_to_record(row, f"{path}:{i}") for i, row in enumerate(reader, start=2))
+
+
+def _read_parquet(path: Path) -> Iterable[Record]:
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except Exception as exc:
+        raise DataError(f"{path}: not a readable parquet file ({exc})") from None
+    return (_to_record(raw, f"{path}: row {i}") for i, raw in enumerate(rows, start=1))
+
+
+def read_local(path: Path) -> list[Record]:
+    readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
+    if path.suffix not in readers:
+        raise DataError(f"{path}: unsupported data file type (use {', '.join(LOCAL_SUFFIXES)})")
+    try:
+        return list(readers[path.suffix](path))
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise DataError(f"cannot read data file {path}: {exc.strerror or exc}") from None
+
+
+def read_hub(name: str) -> list[Record]:
+    """Download (or reuse the cached copy of) a Hub data set's train split."""
+    import datasets
+    from datasets.utils.logging import disable_progress_bar
+
+    disable_progress_bar()
+    try:
+        table = datasets.load_dataset(name, split="train")
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(
+            f"could not load {name!r} from the Hugging Face Hub ({first[:200]}); {HUB_HELP}"
+        ) from None
+    return [_to_record(raw, f"{name}: row {i}") for i, raw in enumerate(table, start=1)]
+
+
+def load_records(source: str, *, synthetic_size: int, seed: int) -> list[Record]:
+    """All usable records of a source; records with an empty instruction or response are dropped."""
+    if source == "synthetic":
+        records = [
+            _to_record(r, f"synthetic record {i}")
+            for i, r in enumerate(synthetic_records(synthetic_size, seed=seed))
+        ]
+    elif Path(source).suffix in LOCAL_SUFFIXES or Path(source).exists():
+        path = Path(source)
+        if not path.is_file():
+            raise DataError(f"data file {path} does not exist")
+        records = read_local(path)
+    else:
+        records = read_hub(source)
+    usable = [r for r in records if r.instruction.strip() and r.response.strip()]
+    if not usable:
+        raise DataError(f"{source}: no usable records (each needs a non-empty instruction and response)")
+    return usable

@@ -1,0 +1,78 @@
+"""Held-out measurements shared by training and `tinylm eval`: loss, perplexity, exact-match answers."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+import torch
+
+from tinylm.config import SamplingConfig
+from tinylm.data.instructions import collate
+from tinylm.data.sources import Record
+from tinylm.generate import generate_batch
+from tinylm.model import TinyLM, lm_loss
+from tinylm.prompts import DEFAULT_STOP_STRINGS, EncodedExample, encode_prompt
+from tinylm.tokenizer import Tokenizer
+
+
+@torch.no_grad()
+def validation_loss(
+    model: TinyLM,
+    examples: Sequence[EncodedExample],
+    *,
+    batch_size: int,
+    pad_id: int,
+    max_batches: int | None = None,
+) -> float:
+    """Mean per-token loss over the held-out examples (in their fixed order), in eval mode."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for index, first in enumerate(range(0, len(examples), batch_size)):
+            if max_batches is not None and index >= max_batches:
+                break
+            inputs, targets = collate(examples[first : first + batch_size], pad_id)
+            loss_sum, n = lm_loss(model, inputs.to(device), targets.to(device))
+            total += float(loss_sum)
+            count += n
+    finally:
+        model.train(was_training)
+    return total / max(count, 1)
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 50.0))
+
+
+@dataclass(frozen=True)
+class Answer:
+    record: Record
+    answer: str
+    correct: bool
+
+
+def answer_records(
+    model: TinyLM,
+    tokenizer: Tokenizer,
+    records: Sequence[Record],
+    *,
+    is_correct: Callable[[Record, str], bool],
+    max_new_tokens: int = 32,
+    batch_size: int = 64,
+) -> list[Answer]:
+    """Greedy answers to held-out prompts, in batches, each judged by `is_correct`."""
+    greedy = replace(SamplingConfig(), temperature=0.0, max_new_tokens=max_new_tokens)
+    budget = model.config.max_seq_length - max_new_tokens
+    answers: list[Answer] = []
+    for first in range(0, len(records), batch_size):
+        chunk = records[first : first + batch_size]
+        prompts = [encode_prompt(tokenizer, r.instruction, r.context, budget=budget) for r in chunk]
+        done = generate_batch(model, tokenizer, prompts, greedy, stop=DEFAULT_STOP_STRINGS)
+        answers += [
+            Answer(r, c.text.strip(), is_correct(r, c.text)) for r, c in zip(chunk, done, strict=True)
+        ]
+    return answers

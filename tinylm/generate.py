@@ -1,0 +1,280 @@
+"""Generation in three layers: pick the next token, generate token ids with a KV cache, stream text.
+
+The terminal chat, the web page and the HTTP API all read the same `stream` (one prompt) or
+`generate_batch` (several prompts at once). Nothing here knows about HTTP, terminals or training.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from tinylm.config import SamplingConfig
+from tinylm.model import KVCache, TinyLM
+from tinylm.tokenizer import Tokenizer
+
+
+def next_token(
+    logits: torch.Tensor,
+    sampling: SamplingConfig,
+    *,
+    seen: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Choose one token per row from last-position logits (B, V).
+
+    Order: repetition penalty, then temperature (0 means greedy argmax), top-k, top-p, min-p, draw.
+    `seen` (B, V) marks tokens already in each row's context, for the repetition penalty.
+    """
+    logits = logits.float()
+    if sampling.repetition_penalty != 1.0 and seen is not None:
+        penalised = torch.where(
+            logits > 0, logits / sampling.repetition_penalty, logits * sampling.repetition_penalty
+        )
+        logits = torch.where(seen, penalised, logits)
+    if sampling.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / sampling.temperature
+    if sampling.top_k > 0 and sampling.top_k < logits.size(-1):
+        kth = torch.topk(logits, sampling.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if sampling.top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # Drop a token when the tokens before it already cover top_p; the most likely token always stays.
+        drop_sorted = sorted_probs.cumsum(dim=-1) - sorted_probs >= sampling.top_p
+        probs = probs.masked_fill(drop_sorted.scatter(1, order, drop_sorted), 0.0)
+    if sampling.min_p > 0:
+        probs = probs.masked_fill(probs < sampling.min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _left_pad(
+    prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    longest = max(len(p) for p in prompts)
+    tokens = torch.full((len(prompts), longest), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(prompts), longest), dtype=torch.long, device=device)
+    for row, prompt in enumerate(prompts):
+        if prompt:
+            tokens[row, longest - len(prompt) :] = torch.tensor(prompt, dtype=torch.long, device=device)
+            mask[row, longest - len(prompt) :] = 1
+    return tokens, mask
+
+
+@torch.inference_mode()
+def generate_ids(
+    model: TinyLM,
+    prompts: Sequence[Sequence[int]],
+    sampling: SamplingConfig,
+    *,
+    pad_id: int = 0,
+    seed: int | None = None,
+    use_cache: bool = True,
+) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row (B,) forever; the caller decides when to stop.
+
+    Prompts of different lengths are left-padded with an attention mask, and positions count from each
+    row's first real token, so a row gets the same tokens as it would alone. The model sees a window of
+    at most max_seq_length tokens: when it is full, the window jumps forward to its last three quarters
+    and the cache is rebuilt; the uncached path (a reference for tests) moves its window identically.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    device = next(model.parameters()).device
+    capacity = model.config.max_seq_length
+    keep = capacity - capacity // 4
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed)
+    tokens, mask = _left_pad(prompts, pad_id, device)
+    start = max(0, tokens.size(1) - capacity)
+    cache: KVCache | None = None
+    while True:
+        if tokens.size(1) - start > capacity:
+            start = tokens.size(1) - keep
+            cache = None
+        window, window_mask = tokens[:, start:], mask[:, start:]
+        padded = not bool(window_mask.all())
+        positions = (window_mask.cumsum(dim=1) - 1).clamp(min=0)
+        if not use_cache:
+            logits = model(window, attention_mask=window_mask if padded else None, positions=positions)
+        elif cache is None:
+            cache = KVCache(model.config, tokens.size(0), device=device, dtype=next(model.parameters()).dtype)
+            logits = model(
+                window, cache=cache, attention_mask=window_mask if padded else None, positions=positions
+            )
+        else:
+            logits = model(
+                window[:, -1:],
+                cache=cache,
+                attention_mask=window_mask if padded else None,
+                positions=positions[:, -1:],
+            )
+        seen = None
+        if sampling.repetition_penalty != 1.0:
+            seen = torch.zeros(logits.size(0), logits.size(-1), device=device)
+            seen = seen.scatter_add_(1, window, window_mask.float()) > 0
+        token = next_token(logits[:, -1], sampling, seen=seen, generator=generator)
+        yield token
+        tokens = torch.cat([tokens, token[:, None]], dim=1)
+        mask = torch.cat([mask, torch.ones_like(token)[:, None]], dim=1)
+
+
+class _TextTracker:
+    """Turns one row's token ids into text that is safe to show so far.
+
+    Text is held back while it ends in an incomplete UTF-8 character (decoded as U+FFFD) or in what could
+    be the start of a stop string, so neither a broken character nor part of a stop string is ever shown.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str]):
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.ids: list[int] = []
+        self.text = ""
+        self.shown = 0
+        self.finish_reason: str | None = None
+
+    def push(self, token: int) -> str:
+        if token == self.tokenizer.eos_id:
+            self.finish_reason = "stop"
+            return self._show(len(self.text))
+        self.ids.append(token)
+        self.text = self.tokenizer.decode(self.ids)
+        hits = [i for i in (self.text.find(s, max(0, self.shown - len(s))) for s in self.stop) if i >= 0]
+        if hits:
+            self.finish_reason = "stop"
+            self.text = self.text[: min(hits)]
+            return self._show(len(self.text))
+        end = len(self.text.rstrip("\ufffd"))
+        hold = max(
+            (n for s in self.stop for n in range(1, len(s)) if self.text[:end].endswith(s[:n])), default=0
+        )
+        return self._show(max(end - hold, self.shown))
+
+    def flush(self) -> str:
+        """Everything not yet shown, at the end of generation (a stop-string prefix is then just text)."""
+        return self._show(len(self.text))
+
+    def _show(self, end: int) -> str:
+        chunk = self.text[self.shown : end]
+        self.shown = max(self.shown, end)
+        return chunk
+
+
+@dataclass
+class Chunk:
+    """A piece of streamed text; the last chunk of a stream carries finish_reason and the counts."""
+
+    text: str
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    seconds: float = 0.0
+
+    @property
+    def tokens_per_sec(self) -> float:
+        return self.completion_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def stream(
+    model: TinyLM,
+    tokenizer: Tokenizer,
+    prompt_ids: Sequence[int],
+    sampling: SamplingConfig,
+    *,
+    stop: Sequence[str] = (),
+    seed: int | None = None,
+) -> Iterator[Chunk]:
+    """Stream the answer to one prompt as text chunks, ending with a chunk that has finish_reason.
+
+    finish_reason is "stop" (end-of-text or a stop string) or "length" (max_new_tokens reached).
+    """
+    started = time.perf_counter()
+    tracker = _TextTracker(tokenizer, stop)
+    produced = 0
+    tokens = generate_ids(model, [prompt_ids], sampling, pad_id=tokenizer.eos_id, seed=seed)
+    try:
+        for token in tokens:
+            produced += 1
+            text = tracker.push(int(token[0]))
+            if tracker.finish_reason or produced >= sampling.max_new_tokens:
+                break
+            if text:
+                yield Chunk(text)
+    finally:
+        tokens.close()
+    if not tracker.finish_reason:
+        text += tracker.flush()
+    yield Chunk(
+        text,
+        finish_reason=tracker.finish_reason or "length",
+        prompt_tokens=len(prompt_ids),
+        completion_tokens=produced,
+        seconds=time.perf_counter() - started,
+    )
+
+
+@dataclass
+class Completion:
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def complete(
+    model: TinyLM,
+    tokenizer: Tokenizer,
+    prompt_ids: Sequence[int],
+    sampling: SamplingConfig,
+    *,
+    stop: Sequence[str] = (),
+    seed: int | None = None,
+) -> Completion:
+    """The whole answer to one prompt at once (a drained `stream`)."""
+    chunks = list(stream(model, tokenizer, prompt_ids, sampling, stop=stop, seed=seed))
+    last = chunks[-1]
+    return Completion(
+        "".join(c.text for c in chunks),
+        last.finish_reason or "length",
+        last.prompt_tokens,
+        last.completion_tokens,
+    )
+
+
+def generate_batch(
+    model: TinyLM,
+    tokenizer: Tokenizer,
+    prompts: Sequence[Sequence[int]],
+    sampling: SamplingConfig,
+    *,
+    stop: Sequence[str] = (),
+    seed: int | None = None,
+) -> list[Completion]:
+    """Answer several prompts in one batched pass; each row stops on its own end-of-text, stop or length."""
+    trackers = [_TextTracker(tokenizer, stop) for _ in prompts]
+    counts = [0] * len(prompts)
+    tokens = generate_ids(model, prompts, sampling, pad_id=tokenizer.eos_id, seed=seed)
+    try:
+        for step, row_tokens in enumerate(tokens, start=1):
+            for row, tracker in enumerate(trackers):
+                if tracker.finish_reason is None:
+                    tracker.push(int(row_tokens[row]))
+                    counts[row] += 1
+            if all(t.finish_reason for t in trackers) or step >= sampling.max_new_tokens:
+                break
+    finally:
+        tokens.close()
+    for tracker in trackers:
+        if tracker.finish_reason is None:
+            tracker.flush()
+    return [
+        Completion(t.text, t.finish_reason or "length", len(p), n)
+        for t, p, n in zip(trackers, prompts, counts, strict=True)
+    ]
