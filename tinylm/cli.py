@@ -60,6 +60,9 @@ def _build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--resume", metavar="PATH", help="continue the run in this folder (or from this checkpoint)"
     )
+    train.add_argument(
+        "--overwrite", action="store_true", help="start afresh in --out, deleting the run there"
+    )
 
     evaluate = sub.add_parser(
         "eval", help="validation loss, perplexity and (for synthetic data) exact-match answers"

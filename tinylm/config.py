@@ -178,17 +178,17 @@ DEMO = Config(
         source="synthetic", dataset_size=20000, val_fraction=0.05, tokenizer="bpe", bpe_vocab_size=512
     ),
     train=TrainConfig(
-        epochs=1,
+        epochs=4,
         batch_size=32,
         gradient_accumulation_steps=1,
         learning_rate=2e-3,
         min_learning_rate=1e-4,
         warmup_steps=100,
         weight_decay=0.01,
-        eval_interval=250,
+        eval_interval=500,
         eval_batches=10,
-        save_interval=250,
-        log_interval=25,
+        save_interval=500,
+        log_interval=50,
     ),
     sampling=SamplingConfig(temperature=0.0),
 )

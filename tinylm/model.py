@@ -79,7 +79,8 @@ class CausalSelfAttention(nn.Module):
             v,
             attn_mask=mask,
             dropout_p=self.dropout if self.training else 0.0,
-            is_causal=mask is None and cache is None,
+            # No explicit mask means either a fresh prefill (square: causal) or one new token (sees all).
+            is_causal=mask is None and T > 1,
         )
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.proj(y))

@@ -1,0 +1,113 @@
+"""Shared set-up: tests never reach the network, and every model is tiny (2 layers, 32 wide)."""
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Set before anything imports datasets, huggingface_hub, gradio or wandb: they read these at import time.
+_STATE = Path(tempfile.mkdtemp(prefix="tinylm-tests-"))
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "GRADIO_ANALYTICS_ENABLED": "False",
+    "WANDB_MODE": "offline",
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HOME": str(_STATE / "hf"),
+    "WANDB_DIR": str(_STATE / "wandb"),
+    # A 32-wide model gains nothing from threads, and spinning OpenMP workers on a busy 2-core machine
+    # make each tiny matmul hundreds of times slower.
+    "OMP_NUM_THREADS": "1",
+}
+os.environ.update(OFFLINE_ENV)
+
+import torch  # noqa: E402
+
+from tinylm.config import Config, DataConfig, ModelConfig, SamplingConfig, TrainConfig  # noqa: E402
+
+torch.set_num_threads(1)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+GPT2_RANKS = Path(__file__).resolve().parents[2] / "shared" / "data" / "gpt2.tiktoken"
+
+TINY_MODEL = {"d_model": 32, "n_heads": 2, "n_layers": 2, "d_ff": 64, "max_seq_length": 64}
+# The same tiny model as `--set` arguments for the command-line tests.
+TINY_SET_ARGS = [
+    *(arg for key, value in TINY_MODEL.items() for arg in ("--set", f"{key}={value}")),
+    *("--set", "dropout=0", "--set", "tokenizer=byte", "--set", "dataset_size=64", "--set", "batch_size=8"),
+    *("--set", "gradient_checkpointing=false", "--set", "eval_batches=1", "--set", "device=cpu"),
+]
+
+
+def make_tiny_config(**train: object) -> Config:
+    """A 2-layer, 32-wide byte-level model on 64 synthetic records; `train` overrides TrainConfig fields."""
+    return Config(
+        model=ModelConfig(vocab_size=257, dropout=0.0, gradient_checkpointing=False, **TINY_MODEL),
+        data=DataConfig(source="synthetic", dataset_size=64, val_fraction=0.1, tokenizer="byte"),
+        train=TrainConfig(
+            **{
+                "epochs": 100,
+                "batch_size": 8,
+                "gradient_accumulation_steps": 1,
+                "learning_rate": 3e-3,
+                "min_learning_rate": 3e-4,
+                "warmup_steps": 3,
+                "eval_interval": 1000,
+                "eval_batches": 1,
+                "save_interval": 1000,
+                "log_interval": 1,
+                "max_steps": 30,
+                "device": "cpu",
+                **train,
+            }
+        ),
+        sampling=SamplingConfig(temperature=0.0),
+    ).validate()
+
+
+@pytest.fixture
+def tiny_config() -> Config:
+    return make_tiny_config()
+
+
+@pytest.fixture(scope="session")
+def make_config():
+    """`make_config(max_steps=6, ...)`: the tiny config with TrainConfig fields replaced."""
+    return make_tiny_config
+
+
+@pytest.fixture(scope="session")
+def gpt2_ranks() -> Path:
+    if not GPT2_RANKS.is_file():
+        pytest.skip(f"GPT-2 ranks file absent: {GPT2_RANKS}")
+    return GPT2_RANKS
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def tiny_set_args() -> list[str]:
+    return list(TINY_SET_ARGS)
+
+
+@pytest.fixture(scope="session")
+def offline_env() -> dict[str, str]:
+    """The environment for `python -m tinylm` / `python train.py` children: offline, one thread."""
+    env = {**os.environ, **OFFLINE_ENV, "PYTHONUNBUFFERED": "1"}
+    env.pop("TINYLM_GPT2_TIKTOKEN", None)
+    return env
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """`tinylm.cli.main` points the root logger at the (captured) stdout; undo that after each test."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
