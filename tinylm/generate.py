@@ -7,6 +7,7 @@ The terminal chat, the web page and the HTTP API all read the same `stream` (one
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -52,17 +53,28 @@ def next_token(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def _left_pad(
-    prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    longest = max(len(p) for p in prompts)
-    tokens = torch.full((len(prompts), longest), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros((len(prompts), longest), dtype=torch.long, device=device)
-    for row, prompt in enumerate(prompts):
-        if prompt:
-            tokens[row, longest - len(prompt) :] = torch.tensor(prompt, dtype=torch.long, device=device)
-            mask[row, longest - len(prompt) :] = 1
-    return tokens, mask
+# Per model: (the weight's identity and version, its transpose). Weak keys: a dropped model frees its copy.
+_TRANSPOSED_HEADS: weakref.WeakKeyDictionary[TinyLM, tuple[tuple, torch.Tensor]] = weakref.WeakKeyDictionary()
+
+
+def _transposed_head(model: TinyLM) -> torch.Tensor:
+    """The output layer's weight as (d_model, V), made once per weight version and kept beside the model.
+
+    On CPU, a matrix-vector product against the transposed layout streams the 50,257 x d_model weight
+    several times faster than `nn.Linear`'s (V, d_model) layout, and at batch 1 that product is most of
+    the decoding time. Optimizer steps and `load_state_dict` bump the weight's version counter, so a stale
+    copy is never used (changes made through `.data` would bypass it).
+    """
+    weight = model.head.weight
+    try:
+        key = (weight.data_ptr(), weight._version, weight.device, weight.dtype)
+    except RuntimeError:  # weights made under inference_mode keep no version counter: never cache them
+        return weight.detach().t().contiguous()
+    cached = _TRANSPOSED_HEADS.get(model)
+    if cached is None or cached[0] != key:
+        cached = (key, weight.detach().t().contiguous())
+        _TRANSPOSED_HEADS[model] = cached
+    return cached[1]
 
 
 @torch.inference_mode()
@@ -75,54 +87,82 @@ def generate_ids(
     seed: int | None = None,
     use_cache: bool = True,
 ) -> Iterator[torch.Tensor]:
-    """Yield the next token of every row (B,) forever; the caller decides when to stop.
+    """Yield the next token of every row (B,), `sampling.max_new_tokens` times; the caller may stop sooner.
 
-    Prompts of different lengths are left-padded with an attention mask, and positions count from each
-    row's first real token, so a row gets the same tokens as it would alone. The model sees a window of
-    at most max_seq_length tokens: when it is full, the window jumps forward to its last three quarters
-    and the cache is rebuilt; the uncached path (a reference for tests) moves its window identically.
+    Prompts of different lengths are left-padded with an attention mask, positions count from each row's
+    first visible token, and a seed gives every row its own generator: so a row gets exactly the tokens it
+    would get alone. Each row sees a window of at most max_seq_length tokens (a longer prompt keeps its
+    end); when a row's window is full it jumps forward to its last three quarters and the cache is rebuilt,
+    while the other rows keep their windows. The uncached path, a reference for tests, moves its windows
+    identically.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     device = next(model.parameters()).device
     capacity = model.config.max_seq_length
     keep = capacity - capacity // 4
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(seed)
-    tokens, mask = _left_pad(prompts, pad_id, device)
-    start = max(0, tokens.size(1) - capacity)
+    batch, longest, steps = len(prompts), max(map(len, prompts)), sampling.max_new_tokens
+    # All tokens in one preallocated matrix, rows right-aligned, so every step fills one more column.
+    tokens = torch.full((batch, longest + steps), pad_id, dtype=torch.long, device=device)
+    for row, prompt in enumerate(prompts):
+        tokens[row, longest - len(prompt) : longest] = torch.tensor(prompt, dtype=torch.long)
+    columns = torch.arange(longest + steps, device=device)
+    # first[row]: the column of the row's first visible token, i.e. where its window starts.
+    first = [longest - len(p) + max(0, len(p) - capacity) for p in prompts]
+    head_t, bias = _transposed_head(model), model.head.bias
+    generators = None
+    if seed is not None and sampling.temperature > 0:
+        generators = [torch.Generator(device=device).manual_seed(seed) for _ in prompts]
     cache: KVCache | None = None
-    while True:
-        if tokens.size(1) - start > capacity:
-            start = tokens.size(1) - keep
-            cache = None
-        window, window_mask = tokens[:, start:], mask[:, start:]
-        padded = not bool(window_mask.all())
-        positions = (window_mask.cumsum(dim=1) - 1).clamp(min=0)
-        if not use_cache:
-            logits = model(window, attention_mask=window_mask if padded else None, positions=positions)
-        elif cache is None:
-            cache = KVCache(model.config, tokens.size(0), device=device, dtype=next(model.parameters()).dtype)
-            logits = model(
-                window, cache=cache, attention_mask=window_mask if padded else None, positions=positions
-            )
-        else:
-            logits = model(
-                window[:, -1:],
+    seen: torch.Tensor | None = None
+    for end in range(longest, longest + steps):  # columns [0, end) hold the tokens so far
+        full = [row for row in range(batch) if end - first[row] > capacity]
+        for row in full:
+            first[row] = end - keep
+        if full or cache is None or not use_cache:
+            lo = min(first)
+            starts = torch.tensor(first, device=device)[:, None]
+            visible = columns[None, lo:] >= starts  # (B, columns from lo on)
+            padded = lo != max(first)
+            window = tokens[:, lo:end]
+            if use_cache:
+                cache = KVCache(model.config, batch, device=device, dtype=head_t.dtype)
+            hidden = model.hidden_states(
+                window,
                 cache=cache,
-                attention_mask=window_mask if padded else None,
-                positions=positions[:, -1:],
+                attention_mask=visible[:, : end - lo] if padded else None,
+                positions=(columns[None, lo:end] - starts).clamp(min=0),
             )
-        seen = None
-        if sampling.repetition_penalty != 1.0:
-            seen = torch.zeros(logits.size(0), logits.size(-1), device=device)
-            seen = seen.scatter_add_(1, window, window_mask.float()) > 0
-        token = next_token(logits[:, -1], sampling, seen=seen, generator=generator)
+            if sampling.repetition_penalty != 1.0:
+                counts = torch.zeros(batch, model.config.vocab_size, dtype=torch.int32, device=device)
+                seen = counts.scatter_add_(1, window, visible[:, : end - lo].int()) > 0
+        else:
+            hidden = model.hidden_states(
+                tokens[:, end - 1 : end],
+                cache=cache,
+                attention_mask=visible[:, : end - lo] if padded else None,
+                positions=end - 1 - starts,
+            )
+            if seen is not None:
+                seen.scatter_(1, tokens[:, end - 1 : end], True)
+        last = hidden[:, -1]  # (B, d_model): only the last position's logits are needed
+        logits = last @ head_t if bias is None else torch.addmm(bias, last, head_t)  # (B, V)
+        if generators is None:
+            token = next_token(logits, sampling, seen=seen)
+        else:
+            token = torch.cat(
+                [
+                    next_token(
+                        logits[r : r + 1],
+                        sampling,
+                        seen=None if seen is None else seen[r : r + 1],
+                        generator=g,
+                    )
+                    for r, g in enumerate(generators)
+                ]
+            )
+        tokens[:, end] = token
         yield token
-        tokens = torch.cat([tokens, token[:, None]], dim=1)
-        mask = torch.cat([mask, torch.ones_like(token)[:, None]], dim=1)
 
 
 class _TextTracker:
@@ -203,14 +243,14 @@ def stream(
         for token in tokens:
             produced += 1
             text = tracker.push(int(token[0]))
-            if tracker.finish_reason or produced >= sampling.max_new_tokens:
+            if tracker.finish_reason:
                 break
             if text:
                 yield Chunk(text)
+        else:  # max_new_tokens reached: what was held back is plain text after all
+            text = tracker.flush()
     finally:
         tokens.close()
-    if not tracker.finish_reason:
-        text += tracker.flush()
     yield Chunk(
         text,
         finish_reason=tracker.finish_reason or "length",
@@ -262,12 +302,12 @@ def generate_batch(
     counts = [0] * len(prompts)
     tokens = generate_ids(model, prompts, sampling, pad_id=tokenizer.eos_id, seed=seed)
     try:
-        for step, row_tokens in enumerate(tokens, start=1):
-            for row, tracker in enumerate(trackers):
-                if tracker.finish_reason is None:
-                    tracker.push(int(row_tokens[row]))
+        for row_tokens in tokens:
+            for row, token in enumerate(row_tokens.tolist()):
+                if trackers[row].finish_reason is None:
+                    trackers[row].push(token)
                     counts[row] += 1
-            if all(t.finish_reason for t in trackers) or step >= sampling.max_new_tokens:
+            if all(t.finish_reason for t in trackers):
                 break
     finally:
         tokens.close()
