@@ -8,7 +8,7 @@ libraries so that load from other processes hits both alike; the table shows med
 second (prefill included) and the ratio tinylm / Hugging Face.
 
     python benchmarks/generate.py                  # the full table (a few minutes on 2 CPU cores)
-    python benchmarks/generate.py --rounds 3 --presets v1 --batches 1
+    python benchmarks/generate.py --rounds 3 --presets v1 --batches 1 --threads 1
 """
 
 from __future__ import annotations
@@ -93,7 +93,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per cell (default 5)")
     parser.add_argument("--presets", nargs="+", default=["v1", "v2"])
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--threads", type=int, help="torch threads for both libraries (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     hf_logging.set_verbosity_error()
     print(machine())
     print(f"greedy, {NEW_TOKENS} new tokens after a {PROMPT_TOKENS}-token prompt; median of {args.rounds} rounds")

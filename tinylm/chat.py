@@ -5,21 +5,34 @@ from __future__ import annotations
 import dataclasses
 import sys
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TextIO
 
 from tinylm.checkpoint import LoadedModel
 from tinylm.config import ConfigError, SamplingConfig, apply_overrides
 from tinylm.generate import stream
-from tinylm.prompts import DEFAULT_STOP_STRINGS, Turn, encode_chat
+from tinylm.prompts import DEFAULT_STOP_STRINGS, Turn, encode_chat, encode_prompt, prompt_budget
 
 HELP = """commands:
   /help               this list
   /reset              forget the conversation
-  /set NAME VALUE     change a sampling setting, e.g. /set temperature 0.7
-  /settings           show the sampling settings
+  /set NAME VALUE     change a setting, e.g. /set temperature 0.7 (names: /settings)
+  /settings           show the settings
   /exit               leave (Ctrl-D works too)
 Ctrl-C stops the current answer."""
+
+# The command-line flags' spellings, so `/set max-tokens 50` works as well as `/set max_new_tokens 50`.
+_ALIASES = {"max_tokens": "max_new_tokens"}
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One answer: its text, why it ended ("stop", "length", or "interrupted" by Ctrl-C), and its speed."""
+
+    text: str
+    finish_reason: str
+    completion_tokens: int = 0
+    tokens_per_sec: float = 0.0
 
 
 class ChatSession:
@@ -39,48 +52,80 @@ class ChatSession:
         self.seed = seed
         self.history: list[Turn] = []
 
-    def set(self, name: str, value: str) -> None:
-        names = {f.name for f in dataclasses.fields(SamplingConfig)}
-        if name not in names:
-            raise ConfigError(f"unknown setting {name!r} (choose {', '.join(sorted(names))})")
+    def settings(self) -> dict[str, object]:
+        return {**dataclasses.asdict(self.sampling), "seed": self.seed}
+
+    def set(self, name: str, value: str) -> str:
+        """Change one setting from its text form; returns the field's name. Bad input raises ConfigError."""
+        name = name.replace("-", "_")
+        name = _ALIASES.get(name, name)
+        if name == "seed":
+            try:
+                self.seed = None if value.strip().lower() in ("", "none") else int(value)
+            except ValueError:
+                raise ConfigError(f"/set: seed wants an integer or none, got {value!r}") from None
+            return name
+        if name not in {f.name for f in dataclasses.fields(SamplingConfig)}:
+            raise ConfigError(f"unknown setting {name!r} (choose {', '.join(self.settings())})")
+        if not value.strip():
+            raise ConfigError(f"/set {name} wants a value, e.g. /set {name} {getattr(self.sampling, name)}")
         current = replace(self.loaded.config, sampling=self.sampling)
         self.sampling = (
             apply_overrides(current, {f"sampling.{name}": value}, origin="/set").validate().sampling
         )
+        return name
 
-    def ask(self, question: str, write: Callable[[str], None], *, context: str = "") -> tuple[str, float]:
-        """Stream an answer through `write`; returns the answer and its tokens/s. Ctrl-C ends it early."""
-        window = self.loaded.config.model.max_seq_length
-        room = max(1, min(self.sampling.max_new_tokens, window // 2))
+    def ask(self, question: str, write: Callable[[str], None], *, context: str = "") -> Reply:
+        """Stream an answer through `write` and remember the turn. Ctrl-C ends the answer early."""
+        tokenizer, window = self.loaded.tokenizer, self.loaded.config.model.max_seq_length
         prompt, dropped = encode_chat(
-            self.loaded.tokenizer, self.history, question, context, max_prompt_tokens=window - room
+            tokenizer,
+            self.history,
+            question,
+            context,
+            max_prompt_tokens=prompt_budget(window, self.sampling.max_new_tokens),
+        )
+        # encode_chat cuts the question itself only once every earlier turn is gone.
+        cut = (
+            len(encode_prompt(tokenizer, question, context)) - len(prompt)
+            if dropped == len(self.history)
+            else 0
         )
         if dropped:
             write(f"[dropped the {dropped} oldest turn(s) to fit the {window}-token context window]\n")
+        if cut > 0:
+            write(
+                f"[cut {cut} tokens from the end of the question to fit the {window}-token context window]\n"
+            )
         pieces: list[str] = []
-        speed = 0.0
+        reply = Reply("", "interrupted")
         try:
             for chunk in stream(
-                self.loaded.model,
-                self.loaded.tokenizer,
-                prompt,
-                self.sampling,
-                stop=self.stop,
-                seed=self.seed,
+                self.loaded.model, tokenizer, prompt, self.sampling, stop=self.stop, seed=self.seed
             ):
                 pieces.append(chunk.text)
                 write(chunk.text)
                 if chunk.finish_reason:
-                    speed = chunk.tokens_per_sec
+                    reply = Reply("", chunk.finish_reason, chunk.completion_tokens, chunk.tokens_per_sec)
         except KeyboardInterrupt:
-            write(" [stopped]")
+            pass
         answer = "".join(pieces).strip()
         self.history.append(Turn(question, answer, context))
-        return answer, speed
+        return replace(reply, text=answer)
+
+
+def _status(reply: Reply) -> str:
+    """The line after an answer: its length and speed, and why it ended when that was not its own choice."""
+    if reply.finish_reason == "interrupted":
+        return "[stopped]"
+    line = f"[{reply.completion_tokens} tokens, {reply.tokens_per_sec:.1f} tokens/s"
+    if reply.finish_reason == "length":
+        line += "; cut at max_new_tokens (/set max_new_tokens N for longer answers)"
+    return line + "]"
 
 
 def run_chat(session: ChatSession, *, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> int:
-    """Read questions and commands line by line until /exit or end of input."""
+    """Read questions and commands line by line until /exit or end of input. Ctrl-C never ends it."""
 
     def write(text: str) -> None:
         stdout.write(text)
@@ -88,44 +133,50 @@ def run_chat(session: ChatSession, *, stdin: TextIO = sys.stdin, stdout: TextIO 
 
     interactive = stdin.isatty()
     write(
-        f"tinylm chat: {session.loaded.path} ({session.loaded.model.num_parameters():,} parameters). /help for commands.\n"
+        f"tinylm chat: {session.loaded.path} ({session.loaded.model.num_parameters():,} parameters). "
+        "/help for commands.\n"
     )
     while True:
-        if interactive:
-            write("\nyou> ")
         try:
+            if interactive:
+                write("\nyou> ")
             line = stdin.readline()
-        except KeyboardInterrupt:
-            write("\n")
-            continue
-        if not line:
-            break
-        line = line.strip()
-        if not line:
-            continue
-        if line.startswith("/"):
-            command, _, rest = line.partition(" ")
-            if command in ("/exit", "/quit"):
+            if not line:
                 break
-            if command == "/help":
-                write(HELP + "\n")
-            elif command == "/reset":
-                session.history.clear()
-                write("[conversation cleared]\n")
-            elif command == "/settings":
-                write(", ".join(f"{k}={v}" for k, v in dataclasses.asdict(session.sampling).items()) + "\n")
-            elif command == "/set":
-                name, _, value = rest.strip().partition(" ")
-                try:
-                    session.set(name, value)
-                    write(f"[{name} = {getattr(session.sampling, name)}]\n")
-                except ConfigError as exc:
-                    write(f"error: {exc}\n")
-            else:
-                write(f"unknown command {command}; /help lists them\n")
-            continue
-        write("tinylm> ")
-        _, speed = session.ask(line, write)
-        write(f"\n[{speed:.1f} tokens/s]\n")
+            line = line.strip()
+            if not line:
+                continue
+            if line.startswith("/"):
+                command, _, rest = line.partition(" ")
+                if command in ("/exit", "/quit"):
+                    break
+                write(_command(session, command, rest.strip()) + "\n")
+                continue
+            write("tinylm> ")
+            reply = session.ask(line, write)
+            write(f"\n{_status(reply)}\n")
+        except KeyboardInterrupt:  # outside an answer (at the prompt, say): a fresh line, not an exit
+            write("\n")
     write("bye\n")
     return 0
+
+
+def _command(session: ChatSession, command: str, rest: str) -> str:
+    """Carry out one slash command (other than /exit) and return what to show."""
+    if command == "/help":
+        return HELP
+    if command == "/reset":
+        session.history.clear()
+        return "[conversation cleared]"
+    if command == "/settings":
+        return ", ".join(f"{k}={v}" for k, v in session.settings().items())
+    if command == "/set":
+        name, _, value = rest.partition(" ")
+        if not name:
+            return "usage: /set NAME VALUE, e.g. /set temperature 0.7"
+        try:
+            field = session.set(name, value)
+        except ConfigError as exc:
+            return f"error: {exc}"
+        return f"[{field} = {session.settings()[field]}]"
+    return f"unknown command {command}; /help lists them"

@@ -163,16 +163,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.prompt is None or not args.prompt.strip():
         raise _UsageError("--prompt is empty: give the instruction to answer, or use --chat")
     from tinylm.generate import stream
-    from tinylm.prompts import DEFAULT_STOP_STRINGS, encode_prompt
+    from tinylm.prompts import DEFAULT_STOP_STRINGS, fit_prompt, prompt_budget
 
     loaded = _load(args)
     sampling = _sampling(args, loaded.config)
     window = loaded.config.model.max_seq_length
-    prompt = encode_prompt(loaded.tokenizer, args.prompt, args.context)
-    if len(prompt) >= window:
+    prompt, cut = fit_prompt(
+        loaded.tokenizer,
+        args.prompt,
+        args.context,
+        max_prompt_tokens=prompt_budget(window, sampling.max_new_tokens),
+    )
+    if cut:
         print(
-            f"note: the prompt has {len(prompt)} tokens, more than the {window}-token context window; "
-            f"the model sees its last {window * 3 // 4}",
+            f"note: the prompt has {len(prompt) + cut} tokens; cut to {len(prompt)} to leave room for the "
+            f"answer in the {window}-token context window (the end of the context passage goes first, "
+            "then the end of the instruction, as in training)",
             file=sys.stderr,
         )
     chunks = stream(
@@ -184,21 +190,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     text = []
-    for chunk in chunks:
-        text.append(chunk.text)
-        if not args.json:
-            sys.stdout.write(chunk.text)
-            sys.stdout.flush()
-        last = chunk
+    try:
+        for chunk in chunks:
+            text.append(chunk.text)
+            if not args.json:
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+    except KeyboardInterrupt:
+        print("\n[stopped]", file=sys.stderr)
+        return 130
     if args.json:
         print(
             json.dumps(
                 {
                     "text": "".join(text),
-                    "finish_reason": last.finish_reason,
-                    "prompt_tokens": last.prompt_tokens,
-                    "completion_tokens": last.completion_tokens,
-                    "tokens_per_sec": round(last.tokens_per_sec, 2),
+                    "finish_reason": chunk.finish_reason,
+                    "prompt_tokens": chunk.prompt_tokens,
+                    "completion_tokens": chunk.completion_tokens,
+                    "tokens_per_sec": round(chunk.tokens_per_sec, 2),
                 }
             )
         )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -53,28 +53,39 @@ def next_token(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-# Per model: (the weight's identity and version, its transpose). Weak keys: a dropped model frees its copy.
+# Per model: (the head weight's identity and version, its transpose). A dropped model frees its copy.
 _TRANSPOSED_HEADS: weakref.WeakKeyDictionary[TinyLM, tuple[tuple, torch.Tensor]] = weakref.WeakKeyDictionary()
 
 
-def _transposed_head(model: TinyLM) -> torch.Tensor:
-    """The output layer's weight as (d_model, V), made once per weight version and kept beside the model.
+def _output_layer(model: TinyLM, batch: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The 50,257-wide output layer, (B, d_model) -> (B, V), in the fastest form measured for `batch` rows.
 
-    On CPU, a matrix-vector product against the transposed layout streams the 50,257 x d_model weight
-    several times faster than `nn.Linear`'s (V, d_model) layout, and at batch 1 that product is most of
-    the decoding time. Optimizer steps and `load_state_dict` bump the weight's version counter, so a stale
-    copy is never used (changes made through `.data` would bypass it).
+    It is most of the decoding time of a model this small. On CPU, BLAS multiplies one row by the
+    transpose of nn.Linear's (V, d_model) weight several times slower than by a (d_model, V) copy, and
+    several rows faster as (W @ x^T)^T than as x @ W^T (see docs/benchmarks.md). The copy is made once per
+    weight version: optimizer steps and `load_state_dict` bump the version counter, so a stale copy is
+    never used (a change made through `.data` would bypass it). Other devices use the layer as it is.
     """
-    weight = model.head.weight
+    weight, bias = model.head.weight, model.head.bias
+    if weight.device.type != "cpu":
+        return model.logits
+    if batch > 1:
+        if bias is None:
+            return lambda hidden: (weight @ hidden.t()).t()
+        return lambda hidden: torch.addmm(bias[:, None], weight, hidden.t()).t()
     try:
-        key = (weight.data_ptr(), weight._version, weight.device, weight.dtype)
+        key = (weight.data_ptr(), weight._version, weight.dtype)
     except RuntimeError:  # weights made under inference_mode keep no version counter: never cache them
-        return weight.detach().t().contiguous()
+        key = None
     cached = _TRANSPOSED_HEADS.get(model)
-    if cached is None or cached[0] != key:
+    if key is None or cached is None or cached[0] != key:
         cached = (key, weight.detach().t().contiguous())
-        _TRANSPOSED_HEADS[model] = cached
-    return cached[1]
+        if key is not None:
+            _TRANSPOSED_HEADS[model] = cached
+    transposed = cached[1]
+    if bias is None:
+        return lambda hidden: hidden @ transposed
+    return lambda hidden: torch.addmm(bias, hidden, transposed)
 
 
 @torch.inference_mode()
@@ -109,7 +120,7 @@ def generate_ids(
     columns = torch.arange(longest + steps, device=device)
     # first[row]: the column of the row's first visible token, i.e. where its window starts.
     first = [longest - len(p) + max(0, len(p) - capacity) for p in prompts]
-    head_t, bias = _transposed_head(model), model.head.bias
+    output_layer = _output_layer(model, batch)
     generators = None
     if seed is not None and sampling.temperature > 0:
         generators = [torch.Generator(device=device).manual_seed(seed) for _ in prompts]
@@ -126,7 +137,7 @@ def generate_ids(
             padded = lo != max(first)
             window = tokens[:, lo:end]
             if use_cache:
-                cache = KVCache(model.config, batch, device=device, dtype=head_t.dtype)
+                cache = KVCache(model.config, batch, device=device, dtype=next(model.parameters()).dtype)
             hidden = model.hidden_states(
                 window,
                 cache=cache,
@@ -146,7 +157,7 @@ def generate_ids(
             if seen is not None:
                 seen.scatter_(1, tokens[:, end - 1 : end], True)
         last = hidden[:, -1]  # (B, d_model): only the last position's logits are needed
-        logits = last @ head_t if bias is None else torch.addmm(bias, last, head_t)  # (B, V)
+        logits = output_layer(last)  # (B, V)
         if generators is None:
             token = next_token(logits, sampling, seen=seen)
         else:

@@ -99,6 +99,30 @@ def encode_example(
     return EncodedExample(tokens=tokens, loss_mask=loss_mask[: len(tokens)])
 
 
+def prompt_budget(window: int, max_new_tokens: int) -> int:
+    """Prompt tokens that fit in a `window`-token context while leaving room for the answer.
+
+    The room is max_new_tokens, but at most half the window: training kept at least half the window for
+    the prompt, and beyond that the window slides during the answer anyway.
+    """
+    return window - min(max_new_tokens, window // 2)
+
+
+def fit_prompt(
+    tokenizer: TextTokenizer, instruction: str, context: str = "", *, max_prompt_tokens: int
+) -> tuple[list[int], int]:
+    """A one-shot prompt cut to max_prompt_tokens as training cut long records; also how many tokens went.
+
+    The end of the context passage goes first, then the end of the instruction; the headers, and so the
+    closing "### Response:" that asks for the answer, always stay.
+    """
+    whole = encode_prompt(tokenizer, instruction, context)
+    if len(whole) <= max_prompt_tokens:
+        return whole, 0
+    cut = encode_prompt(tokenizer, instruction, context, budget=max_prompt_tokens)
+    return cut, len(whole) - len(cut)
+
+
 def encode_chat(
     tokenizer: TextTokenizer,
     history: Sequence[Turn],
@@ -112,11 +136,11 @@ def encode_chat(
     Returns the ids and how many of the oldest turns were dropped. Earlier answers end with end-of-text,
     as every training response does.
     """
-    current = encode_prompt(tokenizer, instruction, context)
-    if len(current) > max_prompt_tokens:
-        return encode_prompt(tokenizer, instruction, context, budget=max_prompt_tokens), len(history)
+    current, cut = fit_prompt(tokenizer, instruction, context, max_prompt_tokens=max_prompt_tokens)
+    if cut:
+        return current, len(history)
     turns = [
-        encode_prompt(tokenizer, t.instruction, t.context) + [*tokenizer.encode(t.response), tokenizer.eos_id]
+        [*encode_prompt(tokenizer, t.instruction, t.context), *tokenizer.encode(t.response), tokenizer.eos_id]
         for t in history
     ]
     dropped = 0
