@@ -53,6 +53,24 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_folder(path.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the rename itself durable: after a power loss the folder names the new file, not the old."""
+    if os.name != "posix":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_temp_files(folder: Path) -> None:
+    """Delete the temporary files of saves that a kill interrupted (the checkpoints themselves are whole)."""
+    for tmp in folder.glob(".*.pt.*.tmp"):
+        tmp.unlink(missing_ok=True)
 
 
 def save_checkpoint(
@@ -94,6 +112,18 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
     return path
 
 
+def resume_checkpoint_path(path: str | Path) -> Path:
+    """The checkpoint a run resumes from: a run folder's latest.pt, or the given checkpoint file."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / LATEST).is_file():
+            raise CheckpointError(f"{path}: folder holds no {LATEST} to resume from")
+        return path / LATEST
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    return path
+
+
 def read_checkpoint(path: str | Path) -> tuple[Path, dict[str, Any]]:
     """Load and validate the raw checkpoint dictionary (tensors on CPU)."""
     path = resolve_checkpoint_path(path)
@@ -114,6 +144,13 @@ def read_checkpoint(path: str | Path) -> tuple[Path, dict[str, Any]]:
 def load_model(path: str | Path, *, device: torch.device | str = "cpu") -> LoadedModel:
     """Rebuild the model, config and tokenizer from a checkpoint, in eval mode on `device`."""
     path, payload = read_checkpoint(path)
+    return model_from_payload(path, payload, device=device)
+
+
+def model_from_payload(
+    path: Path, payload: dict[str, Any], *, device: torch.device | str = "cpu"
+) -> LoadedModel:
+    """`load_model` for a checkpoint already read, so a resuming trainer reads the file once."""
     try:
         config = config_from_dict(payload["config"], origin=str(path))
         tokenizer = tokenizer_from_dict(payload["tokenizer"])

@@ -26,6 +26,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+# Bump when the template or the truncation rule changes what tokens a record becomes: the tokenized-data
+# cache is keyed by it.
+TEMPLATE_VERSION = 1
 INSTRUCTION_HEADER = "### Instruction:\n"
 CONTEXT_HEADER = "\n\n### Context:\n"
 RESPONSE_HEADER = "\n\n### Response:\n"
@@ -116,7 +119,7 @@ def encode_chat(
     if len(current) > max_prompt_tokens:
         return encode_prompt(tokenizer, instruction, context, budget=max_prompt_tokens), len(history)
     turns = [
-        encode_prompt(tokenizer, t.instruction, t.context) + [*tokenizer.encode(t.response), tokenizer.eos_id]
+        [*encode_prompt(tokenizer, t.instruction, t.context), *tokenizer.encode(t.response), tokenizer.eos_id]
         for t in history
     ]
     dropped = 0
