@@ -17,6 +17,7 @@ OFFLINE_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
     "HF_HOME": str(_STATE / "hf"),
     "WANDB_DIR": str(_STATE / "wandb"),
+    "TINYLM_CACHE": str(_STATE / "tinylm-cache"),
     # A 32-wide model gains nothing from threads, and spinning OpenMP workers on a busy 2-core machine
     # make each tiny matmul hundreds of times slower.
     "OMP_NUM_THREADS": "1",

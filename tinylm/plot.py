@@ -24,7 +24,8 @@ def plot_runs(runs: Sequence[str | Path], out: str | Path, *, labels: Sequence[s
     from matplotlib.figure import Figure
 
     out = Path(out)
-    fig = Figure(figsize=(12, 4.5), layout="constrained")
+    fig = Figure(figsize=(12, 4.5))
+    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.12, top=0.92, wspace=0.2)
     ax_loss, ax_ppl = fig.subplots(1, 2)
     colors = [f"C{i % 10}" for i in range(len(runs))]
     for index, (run, color) in enumerate(zip(runs, colors, strict=True)):

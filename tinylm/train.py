@@ -156,15 +156,26 @@ def build_optimizer(model: TinyLM, train: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=train.learning_rate, betas=(0.9, 0.95))
 
 
+def _tensors(value: Any, *, back: bool = False) -> Any:
+    """NumPy arrays to tensors (and back), through nested containers: checkpoints hold no NumPy objects, so
+    `torch.load(weights_only=True)` can read them."""
+    if isinstance(value, dict):
+        return {k: _tensors(v, back=back) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_tensors(v, back=back) for v in value)
+    if back and isinstance(value, torch.Tensor):
+        return value.numpy()
+    if not back and isinstance(value, np.ndarray):
+        return torch.from_numpy(value.copy())
+    return value
+
+
 def rng_state() -> dict[str, Any]:
-    """Every random state a resumed run must continue from (Python, NumPy, torch, the device's), as
-    values that `torch.load(weights_only=True)` reads back."""
+    """Every random state a resumed run must continue from: Python's, NumPy's, torch's and the device's."""
+    version, words, gauss = random.getstate()
     state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": {
-            k: (torch.from_numpy(v) if isinstance(v, np.ndarray) else v)
-            for k, v in np.random.get_state(legacy=False).items()
-        },
+        "python": (version, torch.tensor(words, dtype=torch.int64), gauss),
+        "numpy": _tensors(np.random.get_state(legacy=False)),
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -175,11 +186,9 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    python = state["python"]
-    random.setstate((python[0], tuple(python[1]), python[2]))
-    np.random.set_state(
-        {k: (v.numpy() if isinstance(v, torch.Tensor) else v) for k, v in state["numpy"].items()}
-    )
+    version, words, gauss = state["python"]
+    random.setstate((version, tuple(words.tolist()), gauss))
+    np.random.set_state(_tensors(state["numpy"], back=True))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
