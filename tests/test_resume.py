@@ -1,4 +1,4 @@
-"""Resume that really resumes: a stopped (or killed) and resumed run logs exactly the uninterrupted run's losses."""
+"""Resume that really resumes: a stopped or killed run, resumed, logs the uninterrupted run's losses."""
 
 import json
 import os
@@ -132,7 +132,7 @@ def test_resume_refuses_to_change_the_model_or_the_data_order(tmp_path, make_con
 def test_best_model_checkpoint_cannot_be_resumed_and_says_what_to_do(tmp_path, make_config):
     config = resumable_config(make_config, max_steps=2)
     Trainer(config, out_dir=tmp_path, progress_bar=False).run()
-    with pytest.raises(TrainingError, match="no training state.*--init-from"):
+    with pytest.raises(TrainingError, match=r"no training state.*--init-from"):
         Trainer(config, resume=tmp_path / ckpt.BEST, progress_bar=False).run()
 
 
