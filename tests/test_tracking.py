@@ -6,6 +6,7 @@ import json
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -150,9 +151,15 @@ def test_wandb_without_a_key_or_a_network_goes_offline_in_one_line(
     assert len(wandb_lines) == 1 and wandb_lines[0].startswith(f"wandb: offline ({reason}")
 
 
-def wandb_records(run_dir):
-    """The bytes of every offline wandb run in the folder, by run folder name."""
-    return {p.parent.name: p.read_bytes() for p in run_dir.glob("wandb/offline-run-*/run-*.wandb")}
+def wandb_records(run_dir, *, count, holding=b"val_loss", timeout=30.0):
+    """The bytes of every offline wandb run in the folder, by run folder name, once `count` runs hold
+    `holding`: wandb's service may still be writing a run's file when `finish()` returns."""
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = {p.parent.name: p.read_bytes() for p in run_dir.glob("wandb/offline-run-*/run-*.wandb")}
+        if sum(holding in data for data in runs.values()) >= count or time.monotonic() > deadline:
+            return runs
+        time.sleep(0.1)
 
 
 @needs_wandb
@@ -163,7 +170,7 @@ def test_wandb_offline_logs_metrics_and_samples_and_a_resume_continues_the_same_
     config = make_config(max_steps=4, eval_interval=2, wandb=True)
     Trainer(config, out_dir=tmp_path, progress_bar=False).run()
     run_id = json.loads((tmp_path / "wandb.json").read_text())["id"]
-    records = wandb_records(tmp_path)
+    records = wandb_records(tmp_path, count=1)
     assert len(records) == 1 and next(iter(records)).endswith(run_id)
     data = next(iter(records.values()))
     for key in (b"tokens_per_sec", b"val_loss", b"val_perplexity"):
@@ -177,7 +184,7 @@ def test_wandb_offline_logs_metrics_and_samples_and_a_resume_continues_the_same_
 
     Trainer(apply_overrides(config, {"max_steps": 6}), resume=tmp_path, progress_bar=False).run()
     assert json.loads((tmp_path / "wandb.json").read_text())["id"] == run_id
-    runs = wandb_records(tmp_path)
+    runs = wandb_records(tmp_path, count=2)
     assert len(runs) == 2 and all(name.endswith(run_id) for name in runs)
 
 
