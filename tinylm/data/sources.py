@@ -7,6 +7,7 @@ line or record, so a user can fix their data without reading a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 from collections.abc import Iterable
@@ -18,6 +19,7 @@ from tinylm.data.synthetic import synthetic_records
 
 DOLLY = "databricks/databricks-dolly-15k"
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+HUB_PROBE_SECONDS = 8
 HUB_HELP = (
     "use a local file (--data path/to/dolly.jsonl, with instruction/context/response fields) "
     "or the offline demo data (--data synthetic)"
@@ -115,19 +117,52 @@ def read_local(path: Path) -> list[Record]:
         raise DataError(f"cannot read data file {path}: {exc.strerror or exc}") from None
 
 
+def _hub_reachable(name: str) -> bool:
+    """A quick look at the Hub (a few seconds at most), so an offline machine fails fast.
+
+    Without it, `datasets` retries for about 25 s before giving up. Any answer from the server, even
+    "not found", counts as reachable: `load_dataset` then reports it properly.
+    """
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        HfApi().dataset_info(name, timeout=HUB_PROBE_SECONDS)
+    except HfHubHTTPError:
+        return True
+    except Exception:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _hub_offline():
+    """Offline mode for this call only, so `datasets` uses its cache instead of retrying the network."""
+    import datasets
+    from huggingface_hub import constants
+
+    saved = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
+
+
 def read_hub(name: str) -> list[Record]:
     """Download (or reuse the cached copy of) a Hub data set's train split."""
     import datasets
     from datasets.utils.logging import disable_progress_bar
 
     disable_progress_bar()
+    offline = datasets.config.HF_HUB_OFFLINE or not _hub_reachable(name)
     try:
-        table = datasets.load_dataset(name, split="train")
+        with _hub_offline() if offline else contextlib.nullcontext():
+            table = datasets.load_dataset(name, split="train")
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(
-            f"could not load {name!r} from the Hugging Face Hub ({first[:200]}); {HUB_HELP}"
-        ) from None
+        where = "the Hub cannot be reached and no copy is cached here" if offline else first[:200]
+        raise DataError(f"could not load {name!r} from the Hugging Face Hub ({where}); {HUB_HELP}") from None
     return [_to_record(raw, f"{name}: row {i}") for i, raw in enumerate(table, start=1)]
 
 
