@@ -123,7 +123,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         resume = Path(args.resume)
         out = resume if resume.is_dir() else resume.parent
-    result = Trainer(config, out_dir=out, resume=bool(args.resume), overwrite=args.overwrite).run()
+    result = Trainer(config, out_dir=out, resume=args.resume or False, overwrite=args.overwrite).run()
     best = f"{result.best_val_loss:.4f}" if result.best_val_loss is not None else "n/a"
     print(
         f"{'stopped' if result.interrupted else 'done'} at step {result.step}; best validation loss {best}; "

@@ -116,7 +116,7 @@ def encode_chat(
     if len(current) > max_prompt_tokens:
         return encode_prompt(tokenizer, instruction, context, budget=max_prompt_tokens), len(history)
     turns = [
-        encode_prompt(tokenizer, t.instruction, t.context) + [*tokenizer.encode(t.response), tokenizer.eos_id]
+        [*encode_prompt(tokenizer, t.instruction, t.context), *tokenizer.encode(t.response), tokenizer.eos_id]
         for t in history
     ]
     dropped = 0

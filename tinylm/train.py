@@ -77,10 +77,9 @@ def rng_state() -> dict[str, Any]:
     """Every random state a resumed run must continue from, as checkpoint-safe values."""
     state: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": {
-            k: (torch.from_numpy(v) if isinstance(v, np.ndarray) else v)
-            for k, v in np.random.get_state(legacy=False).items()
-        },
+        # The generator's key array sits one level down ({"state": {"key": array, ...}}); a numpy array
+        # would make the checkpoint unloadable with weights_only=True, so it travels as a tensor.
+        "numpy": _map_nested(np.random.get_state(legacy=False), np.ndarray, torch.from_numpy),
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -88,12 +87,18 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
+def _map_nested(data: dict[str, Any], kind: type, convert: Any) -> dict[str, Any]:
+    """`data` with every value of type `kind`, in it or in its nested dicts, passed through `convert`."""
+    return {
+        k: _map_nested(v, kind, convert) if isinstance(v, dict) else convert(v) if isinstance(v, kind) else v
+        for k, v in data.items()
+    }
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
     python = state["python"]
     random.setstate((python[0], tuple(python[1]), python[2]))
-    np.random.set_state(
-        {k: (v.numpy() if isinstance(v, torch.Tensor) else v) for k, v in state["numpy"].items()}
-    )
+    np.random.set_state(_map_nested(state["numpy"], torch.Tensor, torch.Tensor.numpy))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -126,11 +131,22 @@ class TrainResult:
 
 
 class Trainer:
-    def __init__(self, config: Config, *, out_dir: str | Path, resume: bool = False, overwrite: bool = False):
+    def __init__(
+        self,
+        config: Config,
+        *,
+        out_dir: str | Path,
+        resume: bool | str | Path = False,
+        overwrite: bool = False,
+    ):
         self.out_dir = Path(out_dir)
         self.resume_from: Path | None = None
         if resume:
-            self.resume_from = ckpt.resolve_checkpoint_path(self.out_dir / ckpt.LATEST)
+            # True: this run's latest.pt; a path: that checkpoint, or that folder's latest.pt.
+            source = self.out_dir if resume is True else Path(resume)
+            self.resume_from = ckpt.resolve_checkpoint_path(
+                source / ckpt.LATEST if source.is_dir() else source
+            )
         elif overwrite:
             clear_run_folder(self.out_dir)
         elif (self.out_dir / ckpt.LATEST).exists() or (self.out_dir / "metrics.jsonl").exists():

@@ -176,7 +176,8 @@ def load_records(source: str, *, synthetic_size: int, seed: int) -> list[Record]
     elif Path(source).suffix in LOCAL_SUFFIXES or Path(source).exists():
         path = Path(source)
         if not path.is_file():
-            raise DataError(f"data file {path} does not exist")
+            problem = "is a folder, not a file" if path.is_dir() else "does not exist"
+            raise DataError(f"data file {path} {problem}")
         records = read_local(path)
     else:
         records = read_hub(source)
