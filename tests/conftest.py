@@ -2,6 +2,7 @@
 
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -104,11 +105,54 @@ def offline_env() -> dict[str, str]:
     return env
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _offline_state_folder():
+    """HF_HOME and WANDB_DIR point here for the whole session; nothing in it outlives the tests."""
+    yield _STATE
+    shutil.rmtree(_STATE, ignore_errors=True)
+
+
 @pytest.fixture(autouse=True)
 def _restore_logging():
     """`tinylm.cli.main` points the root logger at the (captured) stdout; undo that after each test."""
     root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
+    before, level = set(root.handlers), root.level
     yield
-    root.handlers[:] = handlers
+    for handler in root.handlers[:]:
+        if handler not in before and type(handler) is logging.StreamHandler:
+            root.removeHandler(handler)
     root.setLevel(level)
+
+
+# Four prompts a tiny byte-level model learns by heart in a few dozen steps, for tests needing known answers.
+MEMORISED = (
+    ("What is 2 plus 3?", "5"),
+    ("Name a colour.", "blue sky"),
+    ("Greet me.", "hello there"),
+    ("Count to three.", "1 2 3"),
+)
+
+
+@pytest.fixture(scope="session")
+def memorised():
+    """(model, tokenizer, examples): a 2-layer, 32-wide model overfit on MEMORISED, in eval mode."""
+    from tinylm.data.instructions import collate
+    from tinylm.model import TinyLM, lm_loss
+    from tinylm.prompts import encode_example
+    from tinylm.tokenizer import ByteTokenizer
+
+    tokenizer = ByteTokenizer()
+    torch.manual_seed(0)
+    model = TinyLM(make_tiny_config().model)
+    examples = [encode_example(tokenizer, q, "", a, max_seq_length=64) for q, a in MEMORISED]
+    inputs, targets = collate(examples, tokenizer.eos_id)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(300):
+        loss_sum, n = lm_loss(model, inputs, targets)
+        (loss_sum / n).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if loss_sum.item() / n < 0.01:
+            break
+    assert loss_sum.item() / n < 0.01, "the tiny model failed to memorise four examples"
+    return model.eval(), tokenizer, MEMORISED

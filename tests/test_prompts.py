@@ -66,7 +66,10 @@ def test_collate_shifts_by_one_and_ignores_masked_and_padded_targets():
     for row, example in enumerate([short, long]):
         n = len(example.tokens) - 1
         assert inputs[row, :n].tolist() == example.tokens[:-1]
-        expected = [t if keep else IGNORE_INDEX for t, keep in zip(example.tokens[1:], example.loss_mask[1:])]
+        expected = [
+            t if keep else IGNORE_INDEX
+            for t, keep in zip(example.tokens[1:], example.loss_mask[1:], strict=True)
+        ]
         assert targets[row, :n].tolist() == expected
         assert torch.all(inputs[row, n:] == TOK.eos_id)
         assert torch.all(targets[row, n:] == IGNORE_INDEX)

@@ -138,7 +138,8 @@ def test_best_model_checkpoint_cannot_be_resumed_and_says_what_to_do(tmp_path, m
 
 def test_resume_of_a_folder_without_a_checkpoint_names_it(tmp_path, capsys):
     assert main(["train", "--resume", str(tmp_path)]) == 2
-    assert f"{tmp_path}: folder holds no latest.pt" in capsys.readouterr().err
+    expected = f"{tmp_path / 'latest.pt'} does not exist: {tmp_path} holds no run to resume"
+    assert expected in capsys.readouterr().err
 
 
 def test_resume_takes_the_config_from_the_checkpoint(tmp_path, capsys):

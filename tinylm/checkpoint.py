@@ -117,7 +117,7 @@ def resume_checkpoint_path(path: str | Path) -> Path:
     path = Path(path)
     if path.is_dir():
         if not (path / LATEST).is_file():
-            raise CheckpointError(f"{path}: folder holds no {LATEST} to resume from")
+            raise CheckpointError(f"{path / LATEST} does not exist: {path} holds no run to resume")
         return path / LATEST
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")

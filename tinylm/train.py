@@ -50,11 +50,22 @@ class TrainingError(RuntimeError):
     """A run that cannot start or go on; the message says why and what to do."""
 
 
-class LRSchedule:
-    """Linear warm-up to learning_rate, then cosine decay to min_learning_rate at `total_steps`.
+def learning_rate(step: int, train: TrainConfig, total_steps: int) -> float:
+    """Linear warm-up to learning_rate, then cosine decay to min_learning_rate at `total_steps`."""
+    if step < train.warmup_steps:
+        return train.learning_rate * (step + 1) / train.warmup_steps
+    span = max(1, total_steps - train.warmup_steps)
+    progress = min(1.0, (step - train.warmup_steps) / span)
+    return train.min_learning_rate + 0.5 * (1 + math.cos(math.pi * progress)) * (
+        train.learning_rate - train.min_learning_rate
+    )
 
-    A pure function of the step. `total_steps` is fixed when the run starts and kept through resumes, so
-    raising max_steps on resume never jumps the rate back up: past its planned end it holds the minimum.
+
+class LRSchedule:
+    """`learning_rate` with the run's planned length, a pure function of the step.
+
+    `total_steps` is fixed when the run starts and kept through resumes, so raising max_steps on resume
+    never jumps the rate back up: past its planned end it holds min_learning_rate.
     """
 
     def __init__(self, train: TrainConfig, total_steps: int):
@@ -62,14 +73,7 @@ class LRSchedule:
         self.total_steps = total_steps
 
     def __call__(self, step: int) -> float:
-        t = self.train
-        if step < t.warmup_steps:
-            return t.learning_rate * (step + 1) / t.warmup_steps
-        span = max(1, self.total_steps - t.warmup_steps)
-        progress = min(1.0, (step - t.warmup_steps) / span)
-        return t.min_learning_rate + 0.5 * (1 + math.cos(math.pi * progress)) * (
-            t.learning_rate - t.min_learning_rate
-        )
+        return learning_rate(step, self.train, self.total_steps)
 
     def state_dict(self) -> dict[str, Any]:
         return {"total_steps": self.total_steps}
@@ -232,7 +236,7 @@ class TrainResult:
 
 class Trainer:
     """Train `config` into the run folder `out_dir`; or continue the run of the checkpoint (or run folder)
-    `resume`; or start a new run from the weights and tokenizer of `init_from`.
+    `resume` (True: the one in `out_dir`); or start a new run from the weights and tokenizer of `init_from`.
 
     `progress_bar`: True/False, or None for a bar exactly when stdout is a terminal.
     """
@@ -242,12 +246,14 @@ class Trainer:
         config: Config,
         *,
         out_dir: str | Path | None = None,
-        resume: str | Path | None = None,
+        resume: bool | str | Path | None = None,
         init_from: str | Path | None = None,
         overwrite: bool = False,
         progress_bar: bool | None = None,
     ):
-        self.resume_from = ckpt.resume_checkpoint_path(resume) if resume is not None else None
+        if resume is True:
+            resume = out_dir
+        self.resume_from = ckpt.resume_checkpoint_path(resume) if resume not in (None, False) else None
         if self.resume_from is not None:
             if out_dir is not None and Path(out_dir).resolve() != self.resume_from.parent.resolve():
                 raise TrainingError(f"--out {out_dir} differs from the folder of --resume {resume}")
@@ -273,6 +279,9 @@ class Trainer:
         self.stop_reason: str | None = None
         self._resume_state: dict[str, Any] | None = None
         self._saved_step: int | None = None
+        # While a step is under way: the random states it started from (what a save must record).
+        self._rng_at_step_start: dict[str, Any] | None = None
+        self._updating = False
         self._order: tuple[int, list[int]] = (-1, [])
 
     # -- building ---------------------------------------------------------------------------------
@@ -341,7 +350,7 @@ class Trainer:
             "schedule": self.schedule.state_dict(),
             "watch": self.watch.state_dict(),
             "data": self.data.key,
-            "rng": rng_state(),
+            "rng": self._rng_at_step_start or rng_state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -402,10 +411,9 @@ class Trainer:
                 self.save(ckpt.LATEST)  # from the start, the folder holds a checkpoint to resume from
             self.model.train()
             self._train_seconds, self._tokens = 0.0, 0
-            with self._stop_on_ctrl_c():
+            with self._stop_gracefully():
                 while self.step < self.total_steps and self.stop_reason is None:
                     loss = self.train_step()
-                    self.step += 1
                     self.maybe_log(loss)
                     self.maybe_evaluate()
                     self.maybe_save()
@@ -413,10 +421,15 @@ class Trainer:
                 if finished and self.watch.last_eval_step != self.step:
                     self.evaluate()
                 self.save(ckpt.LATEST)
+        except KeyboardInterrupt:
+            if self._updating:  # the weights are half updated: nothing consistent to save
+                raise
+            self.stop_reason = "interrupted"
+            self.save(ckpt.LATEST)  # the state the unfinished step started from
         except torch.OutOfMemoryError:
             raise TrainingError(self._out_of_memory()) from None
-        except RuntimeError as exc:
-            if "out of memory" not in str(exc):
+        except RuntimeError as exc:  # MPS and some CUDA paths raise a plain RuntimeError
+            if isinstance(exc, TrainingError) or "out of memory" not in str(exc):
                 raise
             raise TrainingError(self._out_of_memory()) from None
         finally:
@@ -446,9 +459,11 @@ class Trainer:
         ]
 
     def train_step(self) -> float:
-        """One optimizer step over its accumulated micro-batches; returns the mean per-token loss."""
+        """One optimizer step over its accumulated micro-batches, which advances `step`; returns the mean
+        per-token loss."""
         t = self.config.train
         started = time.perf_counter()
+        self._rng_at_step_start = rng_state()
         batches = self.step_batches(self.step)
         n_targets = sum(int((targets != IGNORE_INDEX).sum()) for _, targets in batches)
         for group in self.optimizer.param_groups:
@@ -468,10 +483,13 @@ class Trainer:
                 f"loss became {loss} at step {self.step + 1}; stopped. {self._last_checkpoint()} "
                 "Try a lower learning_rate or a smaller grad_clip"
             )
+        self._updating = True
         if t.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self._updating, self._rng_at_step_start = False, None
         self._train_seconds += time.perf_counter() - started
         return loss
 
@@ -575,8 +593,9 @@ class Trainer:
         os.replace(tmp, self.out_dir / "config.json")
 
     @contextmanager
-    def _stop_on_ctrl_c(self) -> Iterator[None]:
-        """The first Ctrl-C finishes the current step, saves and stops; a second one quits at once."""
+    def _stop_gracefully(self) -> Iterator[None]:
+        """Ctrl-C (or SIGTERM, as schedulers send) finishes the current step, saves and stops; a second
+        Ctrl-C stops at once, saving the state the unfinished step started from."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
@@ -584,16 +603,15 @@ class Trainer:
         def request_stop(signum: int, frame: object) -> None:
             self.stop_reason = "interrupted"
             signal.signal(signal.SIGINT, signal.default_int_handler)
-            log.info(
-                "Ctrl-C: stopping after step %d (press it again to quit at once, without saving)",
-                self.step + 1,
-            )
+            name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+            log.info("%s: stopping after step %d (Ctrl-C again stops at once)", name, self.step + 1)
 
-        previous = signal.signal(signal.SIGINT, request_stop)
+        previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             yield
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def _last_checkpoint(self) -> str:
         if self._saved_step is None:
@@ -638,4 +656,4 @@ class Trainer:
             self.device,
         )
         if self.step:
-            log.info("resuming %s from step %d of %d", self.out_dir, self.step, self.total_steps)
+            log.info("resuming from step %d of %d (%s)", self.step, self.total_steps, self.out_dir)

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from tinylm.config import DataConfig
-from tinylm.data.sources import DataError, file_stamp, hub_dataset
+from tinylm.data.sources import LOCAL_SUFFIXES, DataError, file_stamp, hub_dataset
 from tinylm.data.tokens import token_dtype
 from tinylm.tokenizer import Tokenizer
 
@@ -21,7 +21,13 @@ HF_PREFIX = "hf:"
 
 
 def is_text_source(source: str) -> bool:
-    return source.startswith(HF_PREFIX) or Path(source).suffix == ".txt" or Path(source).is_dir()
+    """A .txt file, a folder (not one named like a records file), or hf:NAME."""
+    path = Path(source)
+    return (
+        source.startswith(HF_PREFIX)
+        or path.suffix == ".txt"
+        or (path.is_dir() and path.suffix not in LOCAL_SUFFIXES)
+    )
 
 
 def _text_files(folder: Path) -> list[Path]:
