@@ -73,6 +73,25 @@ def test_ctrl_c_mid_accumulation_saves_the_step_and_resume_matches_bit_for_bit(
     assert metrics(tmp_path) == uninterrupted  # bit-identical losses, evaluations and samples, each step once
 
 
+def test_second_ctrl_c_mid_accumulation_stops_at_once_and_resume_matches_bit_for_bit(
+    tmp_path, make_config, monkeypatch, uninterrupted
+):
+    config = resumable_config(make_config)
+
+    def press_twice():
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    interrupt_during(monkeypatch, call=16 + 3 + 2, action=press_twice)  # the 2nd micro-batch of step 8
+    first = Trainer(config, out_dir=tmp_path, progress_bar=False).run()
+    # Step 8 is dropped half done; the save holds the state it started from, random states included.
+    assert first.interrupted and first.step == 7
+    assert ckpt.read_checkpoint(tmp_path / ckpt.LATEST)[1]["step"] == 7
+    monkeypatch.undo()
+    Trainer(config, resume=tmp_path, progress_bar=False).run()
+    assert metrics(tmp_path) == uninterrupted
+
+
 def test_crash_mid_accumulation_resumes_from_the_last_save_bit_for_bit(
     tmp_path, make_config, monkeypatch, uninterrupted
 ):
