@@ -178,17 +178,17 @@ def logged_steps(run_dir):
     return sum(1 for line in path.read_text().splitlines() if '"loss"' in line) if path.exists() else 0
 
 
-def start(args, env):
+def start(args, env, log):
     command = [sys.executable, "-m", "tinylm", "train", "--quiet", *args]
-    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(command, env=env, stdout=log.open("a"), stderr=subprocess.STDOUT)
 
 
-def kill_after(process, run_dir, steps, deadline=120.0):
+def kill_after(process, run_dir, steps, log, deadline=120.0):
     """SIGKILL the process as soon as the metrics file shows `steps` training steps (mid-step or mid-save)."""
     stop = time.monotonic() + deadline
     while logged_steps(run_dir) < steps:
         if process.poll() is not None:
-            pytest.fail(f"training ended before step {steps}: {process.stderr.read()[-2000:]}")
+            pytest.fail(f"training ended before step {steps}: {log.read_text()[-2000:]}")
         if time.monotonic() > stop:
             process.kill()
             pytest.fail(f"no step {steps} within {deadline} s")
@@ -205,9 +205,10 @@ def test_killed_at_several_points_always_resumable_and_ends_as_if_never_killed(
     assert main(["train", "--quiet", *args, "--out", str(reference)]) == 0
 
     env = {**offline_env, "TINYLM_CACHE": os.environ["TINYLM_CACHE"], "PYTHONPATH": str(repo_root)}
+    log = tmp_path / "output.log"
     for number, stop_at in enumerate((3, 10, 17)):
-        process = start(["--resume", str(run_dir)] if number else [*args, "--out", str(run_dir)], env)
-        kill_after(process, run_dir, stop_at)
+        process = start(["--resume", str(run_dir)] if number else [*args, "--out", str(run_dir)], env, log)
+        kill_after(process, run_dir, stop_at, log)
         _, payload = ckpt.read_checkpoint(run_dir / ckpt.LATEST)  # never half-written
         assert payload["train_state"] and stop_at - 1 <= payload["step"] <= stop_at + 1
     assert main(["train", "--quiet", "--resume", str(run_dir)]) == 0  # the last stretch in this process
