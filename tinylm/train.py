@@ -421,11 +421,14 @@ class Trainer:
                 if finished and self.watch.last_eval_step != self.step:
                     self.evaluate()
                 self.save(ckpt.LATEST)
+                if not finished:
+                    self.plot()  # the steps since the last evaluation
         except KeyboardInterrupt:
             if self._updating:  # the weights are half updated: nothing consistent to save
                 raise
             self.stop_reason = "interrupted"
             self.save(ckpt.LATEST)  # the state the unfinished step started from
+            self.plot()
         except torch.OutOfMemoryError:
             raise TrainingError(self._out_of_memory()) from None
         except RuntimeError as exc:  # MPS and some CUDA paths raise a plain RuntimeError
@@ -529,7 +532,7 @@ class Trainer:
             {"val_loss": val_loss, "val_perplexity": perplexity(val_loss), "samples": self.samples()},
             step=self.step,
         )
-        plot_runs([self.out_dir], self.out_dir / "loss.png")
+        self.plot()
         if self.watch.update(self.step, val_loss):
             self.save(ckpt.BEST)
         warning = self.watch.overfitting()
@@ -545,6 +548,10 @@ class Trainer:
                 self.watch.best_step,
                 self.out_dir / ckpt.BEST,
             )
+
+    def plot(self) -> None:
+        """Redraw loss.png from metrics.jsonl: at each evaluation and when the run stops."""
+        plot_runs([self.out_dir], self.out_dir / "loss.png")
 
     def samples(self) -> list[dict[str, str]]:
         """Greedy continuations of a fixed few held-out prompts, so users can watch the model learn."""
