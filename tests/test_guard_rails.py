@@ -76,11 +76,14 @@ def test_an_existing_run_is_never_overwritten_silently(tmp_path, make_config):
     with pytest.raises(TrainingError, match=rf"{tmp_path} already holds a run: resume it with --resume"):
         Trainer(config, out_dir=tmp_path, progress_bar=False)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
-    # --overwrite starts afresh; files a user keeps there stay.
+    # --overwrite starts afresh (old tracker logs go too); files a user keeps there stay.
     (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "tensorboard").mkdir()
+    (tmp_path / "tensorboard" / "events.out.tfevents.1").write_bytes(b"old run")
     Trainer(make_config(max_steps=1), out_dir=tmp_path, overwrite=True, progress_bar=False).run()
     assert ckpt.read_checkpoint(tmp_path / ckpt.LATEST)[1]["step"] == 1
     assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert not (tmp_path / "tensorboard").exists()
 
 
 def test_the_command_line_refuses_an_existing_run_folder(tmp_path, tiny_set_args, capsys):

@@ -110,7 +110,9 @@ def test_quiet_training_prints_plain_lines(tmp_path, tiny_set_args, capsys):
 
 def test_dotenv_project_turns_wandb_on(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("WANDB_PROJECT", raising=False)
+    # Set, then removed: so monkeypatch removes what the .env file sets, whatever was there before.
+    monkeypatch.setenv("WANDB_PROJECT", "placeholder")
+    monkeypatch.delenv("WANDB_PROJECT")
     assert not wandb_wanted(False)
     (tmp_path / ".env").write_text("WANDB_PROJECT=tinylm-tests\n")
     assert wandb_wanted(False)

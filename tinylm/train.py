@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import signal
 import threading
 import time
@@ -201,13 +202,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 RUN_FILES = ("*.pt", METRICS_FILE, "config.json", "loss.png", WANDB_ID_FILE)
+RUN_FOLDERS = ("wandb", "tensorboard")
 
 
 def clear_run_folder(out_dir: Path) -> None:
-    """Delete the files a run writes (and nothing else a user may keep there)."""
+    """Delete what a run writes (and nothing else a user may keep there)."""
     for pattern in RUN_FILES:
         for path in out_dir.glob(pattern):
             path.unlink()
+    for name in RUN_FOLDERS:
+        shutil.rmtree(out_dir / name, ignore_errors=True)
 
 
 def _locked_change(saved: Config, asked: Config) -> str | None:
