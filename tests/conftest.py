@@ -156,3 +156,35 @@ def scripted_run(tmp_path_factory) -> ScriptedRun:
     metrics += [{"step": s, "val_loss": 3.5 / s} for s in (20, 40, 60)]
     (folder / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics), encoding="utf-8")
     return ScriptedRun(folder, SCRIPTED_ANSWER)
+
+
+@pytest.fixture(scope="session")
+def webui_url(scripted_run):
+    """The web page for scripted_run's checkpoints, served in-process on a free port of 127.0.0.1."""
+    import socket
+
+    from tinylm.checkpoint import ModelStore, find_checkpoints
+    from tinylm.webui import build_app, launch
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    app = build_app(ModelStore(find_checkpoints(scripted_run.folder)))
+    yield launch(app, port=port, block=False)
+    app.close()
+
+
+@pytest.fixture
+def generations(monkeypatch) -> list[tuple[list[int], SamplingConfig]]:
+    """Every (prompt ids, sampling) the web page hands to generate.stream during one test."""
+    from tinylm import webui
+
+    calls: list[tuple[list[int], SamplingConfig]] = []
+    real = webui.stream
+
+    def recording(model, tokenizer, prompt_ids, sampling, **options):
+        calls.append((list(prompt_ids), sampling))
+        return real(model, tokenizer, prompt_ids, sampling, **options)
+
+    monkeypatch.setattr(webui, "stream", recording)
+    return calls

@@ -12,7 +12,6 @@ import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from tinylm.checkpoint import CheckpointError, LoadedModel, ModelStore
-from tinylm.config import PRESETS, ConfigError, ModelConfig, SamplingConfig
+from tinylm.config import PRESETS, ModelConfig, SamplingConfig
 from tinylm.generate import Chunk, stream
 from tinylm.prompts import DEFAULT_STOP_STRINGS, Turn, chat_prompt_budget, encode_chat
 
@@ -56,6 +55,19 @@ DOLLY_EXAMPLES = [
 ]
 
 
+# One slider per sampling setting, in `respond`'s argument order: (field, label, note, lowest, highest,
+# step). The sliders' bounds keep every value valid (Gradio refuses others); a checkpoint's own default
+# beyond the usual highest value widens its slider.
+SLIDERS = [
+    ("temperature", "Temperature", "0 is greedy", 0, 2, 0.05),
+    ("top_k", "Top-k", "0 is off", 0, 200, 1),
+    ("top_p", "Top-p", None, 0.01, 1, 0.01),
+    ("min_p", "Min-p", "0 is off", 0, 0.99, 0.01),
+    ("repetition_penalty", "Repetition penalty", "above 1 discourages repeating", 0.5, 2, 0.05),
+    ("max_new_tokens", "Max new tokens", None, 1, 1024, 1),
+]
+
+
 def _shape(model: ModelConfig) -> tuple:
     return model.d_model, model.n_heads, model.n_layers, model.d_ff, model.max_seq_length, model.tie_weights
 
@@ -83,7 +95,7 @@ def model_card(loaded: LoadedModel) -> str:
         ("training steps", step),
         ("best validation loss", f"{best:.4f}" if best is not None else "not evaluated yet"),
     ]
-    return "| | |\n| --- | --- |\n" + "".join(f"| {name} | {value} |\n" for name, value in rows)
+    return "\n".join(f"- **{name}:** {value}" for name, value in rows)
 
 
 def loss_curve(run_dir: Path) -> np.ndarray | None:
@@ -118,6 +130,7 @@ def loss_curve(run_dir: Path) -> np.ndarray | None:
         if series[key]:
             steps = sorted(series[key])
             axes.plot(steps, [series[key][s] for s in steps], label=label, marker=marker)
+    axes.set_title("Loss")
     axes.set_xlabel("step")
     axes.set_ylabel("loss")
     axes.grid(alpha=0.3)
@@ -180,9 +193,7 @@ def build_app(models: ModelStore) -> gr.Blocks:
         )
         try:
             loaded = models.get(checkpoint)
-            # An impossible value (sent through the API; the sliders cannot) fails naming its field.
-            sampling = replace(loaded.config, sampling=sampling).validate().sampling
-        except (CheckpointError, ConfigError) as exc:
+        except CheckpointError as exc:
             raise gr.Error(str(exc)) from None
         window = loaded.config.model.max_seq_length
         prompt, dropped = encode_chat(
@@ -218,7 +229,10 @@ def build_app(models: ModelStore) -> gr.Blocks:
             with gr.Column(scale=3):
                 chatbot = gr.Chatbot(label="Conversation", height=420, buttons=["copy", "copy_all"])
                 question = gr.Textbox(
-                    show_label=False, placeholder="Ask something and press Enter", elem_id="question"
+                    label="Question",
+                    show_label=False,
+                    placeholder="Ask something and press Enter",
+                    elem_id="question",
                 )
                 context = gr.Textbox(
                     label="Context passage (optional)",
@@ -233,20 +247,17 @@ def build_app(models: ModelStore) -> gr.Blocks:
                 gr.Examples([list(e) for e in examples], inputs=[question, context], label="Example prompts")
             with gr.Column(scale=2):
                 with gr.Accordion("Sampling", open=True):
-                    temperature = gr.Slider(
-                        0, 2, value=defaults.temperature, step=0.05, label="Temperature", info="0 is greedy"
-                    )
-                    top_k = gr.Slider(0, 200, value=defaults.top_k, step=1, label="Top-k", info="0 is off")
-                    top_p = gr.Slider(0.01, 1, value=defaults.top_p, step=0.01, label="Top-p")
-                    min_p = gr.Slider(
-                        0, 0.99, value=defaults.min_p, step=0.01, label="Min-p", info="0 is off"
-                    )
-                    repetition_penalty = gr.Slider(
-                        0.5, 2, value=defaults.repetition_penalty, step=0.05, label="Repetition penalty"
-                    )
-                    max_new_tokens = gr.Slider(
-                        1, 1024, value=defaults.max_new_tokens, step=1, label="Max new tokens"
-                    )
+                    sliders = [
+                        gr.Slider(
+                            low,
+                            max(high, getattr(defaults, name)),
+                            value=getattr(defaults, name),
+                            step=step,
+                            label=label,
+                            info=note,
+                        )
+                        for name, label, note, low, high, step in SLIDERS
+                    ]
                 with gr.Accordion("Model", open=True):
                     checkpoint = gr.Dropdown(
                         [(f"{p.parent.name}/{p.name}", str(p)) for p in models.paths],
@@ -259,12 +270,13 @@ def build_app(models: ModelStore) -> gr.Blocks:
                     curve = gr.Image(
                         first_curve,
                         label="Loss curve",
+                        show_label=False,
+                        buttons=["download", "fullscreen"],
                         format="png",
                         interactive=False,
                         visible=first_curve is not None,
                     )
 
-        sliders = [temperature, top_k, top_p, min_p, repetition_penalty, max_new_tokens]
         answering = gr.on(
             [question.submit, send.click],
             respond,
@@ -273,9 +285,13 @@ def build_app(models: ModelStore) -> gr.Blocks:
             api_name="chat",
             concurrency_limit=CONCURRENT_ANSWERS,
         )
-        stop.click(None, cancels=[answering])
-        clear.click(
-            lambda: ([], [], ""), outputs=[turns, chatbot, status], cancels=[answering], api_name="clear"
+        stop.click(lambda: "stopped", outputs=status, cancels=[answering])
+        gr.on(
+            [clear.click, chatbot.clear],
+            lambda: ([], [], ""),
+            outputs=[turns, chatbot, status],
+            cancels=[answering],
+            api_name="clear",
         )
         checkpoint.change(show_model, checkpoint, [card, curve], api_name="model")
     return app
