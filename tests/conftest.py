@@ -169,7 +169,8 @@ def webui_url(scripted_run):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    app = build_app(ModelStore(find_checkpoints(scripted_run.folder)))
+    # Redrawn on every piece of text, so the tests see each step of the streaming.
+    app = build_app(ModelStore(find_checkpoints(scripted_run.folder)), redraw_every=0)
     yield launch(app, port=port, block=False)
     app.close()
 

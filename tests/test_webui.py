@@ -14,9 +14,9 @@ from PIL import Image
 
 from tinylm import cli
 from tinylm.checkpoint import CheckpointError, find_checkpoints
-from tinylm.prompts import encode_prompt
+from tinylm.prompts import Turn, encode_prompt
 from tinylm.tokenizer import ByteTokenizer
-from tinylm.webui import loss_curve
+from tinylm.webui import Conversation, loss_curve
 
 TOK = ByteTokenizer()
 
@@ -142,3 +142,17 @@ def test_ui_refuses_a_bad_checkpoint_in_one_line_before_starting(tmp_path, capsy
     err = capsys.readouterr().err
     assert err.startswith(f"error: {path}") or err.startswith(f"error: checkpoint {path}")
     assert err.count("\n") == 1
+
+
+def test_clear_or_a_newer_question_stops_an_answer_from_writing_back():
+    conversation = Conversation()
+    first = conversation.ask("First?", "")
+    assert conversation.answer(first, "par")
+    assert conversation.turns == [Turn("First?", "par")]
+    second = conversation.ask("Second?", "ctx")
+    assert not conversation.answer(first, "partial")  # superseded: the first answer stops there
+    assert conversation.answer(second, "yes")
+    assert conversation.turns == [Turn("First?", "par"), Turn("Second?", "yes", "ctx")]
+    conversation.clear()
+    assert not conversation.answer(second, "yes, and")
+    assert conversation.turns == []

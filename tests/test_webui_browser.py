@@ -4,6 +4,7 @@
 test skips itself and says why. The screenshot lands in test-artifacts/webui.png.
 """
 
+import threading
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -39,8 +40,12 @@ def browser_page():
             browser.close()
 
 
-def test_a_browser_chats_with_the_page(browser_page, webui_url, scripted_run, generations, repo_root):
+def test_a_browser_chats_with_the_page(
+    browser_page, webui_url, scripted_run, generations, repo_root, monkeypatch
+):
     from playwright.sync_api import expect
+
+    from tinylm import webui
 
     page = browser_page
     requested: list[str] = []
@@ -67,6 +72,30 @@ def test_a_browser_chats_with_the_page(browser_page, webui_url, scripted_run, ge
     artifacts = repo_root / "test-artifacts"
     artifacts.mkdir(exist_ok=True)
     page.screenshot(path=artifacts / "webui.png", full_page=True)
+
+    # Stop keeps the answer so far; Clear empties the page. The answer is held after its first piece
+    # until the checks are done, so Stop surely lands mid-answer.
+    release = threading.Event()
+    streaming = webui.stream
+
+    def held(*args, **kwargs):
+        for number, chunk in enumerate(streaming(*args, **kwargs)):
+            yield chunk
+            if number == 0:
+                release.wait(timeout=30)
+
+    monkeypatch.setattr(webui, "stream", held)
+    question.fill("Can you stop?")
+    question.press("Enter")
+    expect(page.get_by_test_id("bot")).to_have_count(3)
+    expect(page.get_by_test_id("bot").last).not_to_be_empty()
+    page.locator("#stop").click()
+    expect(page.locator("#status")).to_have_text("stopped")
+    partial = page.get_by_test_id("bot").last.inner_text()
+    assert scripted_run.answer.startswith(partial) and len(partial) < len(scripted_run.answer)
+    release.set()
+    page.locator("#clear").click()
+    expect(page.get_by_test_id("bot")).to_have_count(0)
 
     # Nothing but the page's own server: no fonts, scripts or telemetry from elsewhere.
     served_from = urlparse(webui_url).netloc

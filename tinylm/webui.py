@@ -11,9 +11,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
+import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -33,6 +36,9 @@ log = logging.getLogger("tinylm")
 
 # Answers generated at once across all tabs; more wait in Gradio's queue, and the page stays live.
 CONCURRENT_ANSWERS = 4
+# Seconds between redraws of a streaming answer. A small model makes hundreds of tokens a second; sending
+# each one would keep the server too busy to heed Stop or serve other tabs promptly.
+REDRAW_EVERY = 0.05
 
 # Prompts like the ones each kind of model learned from: (instruction, context passage).
 SYNTHETIC_EXAMPLES = [
@@ -140,6 +146,41 @@ def loss_curve(run_dir: Path) -> np.ndarray | None:
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
+@dataclass
+class Conversation:
+    """One tab's conversation, kept in its gr.State.
+
+    Gradio hands this same object to every event of the tab, so Clear, or a newer question, is seen at
+    once by an answer still streaming: each moves `epoch` on, and the old answer's next update is refused
+    (the answer then shows the conversation as it now is, and stops).
+    """
+
+    turns: list[Turn] = field(default_factory=list)
+    epoch: int = 0
+    # One lock for all conversations: the critical sections are a few assignments.
+    _lock: ClassVar[threading.Lock] = threading.Lock()
+
+    def ask(self, question: str, context: str) -> int:
+        """Start a turn; returns the epoch its answer must quote to `answer`."""
+        with self._lock:
+            self.epoch += 1
+            self.turns = [*self.turns, Turn(question, "", context)]
+            return self.epoch
+
+    def answer(self, epoch: int, text: str) -> bool:
+        """Set the latest turn's answer so far; False if the conversation has moved on since `ask`."""
+        with self._lock:
+            if epoch != self.epoch:
+                return False
+            self.turns[-1] = replace(self.turns[-1], response=text)
+            return True
+
+    def clear(self) -> None:
+        with self._lock:
+            self.epoch += 1
+            self.turns = []
+
+
 def _messages(turns: Sequence[Turn]) -> list[dict[str, str]]:
     """The conversation as the Chatbot shows it; a context passage is quoted under its question."""
     messages = []
@@ -162,8 +203,11 @@ def _status(chunk: Chunk, dropped: int, window: int) -> str:
     return text
 
 
-def build_app(models: ModelStore) -> gr.Blocks:
-    """The page for the store's checkpoints, the first shown first (loading it fails here if it is broken)."""
+def build_app(models: ModelStore, *, redraw_every: float = REDRAW_EVERY) -> gr.Blocks:
+    """The page for the store's checkpoints, the first shown first (loading it fails here if it is broken).
+
+    A streaming answer is redrawn at most every `redraw_every` seconds (0: on every piece of text).
+    """
     first = models.get(models.paths[0])
     defaults = first.config.sampling
     examples = SYNTHETIC_EXAMPLES if first.config.data.source == "synthetic" else DOLLY_EXAMPLES
@@ -178,7 +222,7 @@ def build_app(models: ModelStore) -> gr.Blocks:
         min_p: float,
         repetition_penalty: float,
         max_new_tokens: float,
-        turns: list[Turn],
+        conversation: Conversation,
     ) -> Iterator[tuple]:
         if not question.strip():
             yield gr.skip()
@@ -198,21 +242,33 @@ def build_app(models: ModelStore) -> gr.Blocks:
         window = loaded.config.model.max_seq_length
         prompt, dropped = encode_chat(
             loaded.tokenizer,
-            turns,
+            conversation.turns,
             question,
             context,
             max_prompt_tokens=chat_prompt_budget(window, sampling.max_new_tokens),
         )
-        answer = ""
-        now = [*turns, Turn(question, answer, context)]
+        epoch = conversation.ask(question, context)
         # The boxes empty at once; later updates leave them alone, so typing the next question is safe.
-        yield "", "", now, _messages(now), "generating..."
+        yield "", "", conversation, _messages(conversation.turns), "generating..."
+        answer = ""
+        drawn = time.monotonic()
         for chunk in stream(loaded.model, loaded.tokenizer, prompt, sampling, stop=DEFAULT_STOP_STRINGS):
             answer += chunk.text
             done = chunk.finish_reason is not None
-            now = [*turns, Turn(question, answer.strip() if done else answer, context)]
-            report = _status(chunk, dropped, window) if done else gr.skip()
-            yield gr.skip(), gr.skip(), now, _messages(now), report
+            # Recorded at every piece, so Stop leaves the answer so far in the history, as in the terminal.
+            if not conversation.answer(epoch, answer.strip() if done else answer):
+                yield gr.skip(), gr.skip(), conversation, _messages(conversation.turns), gr.skip()
+                return
+            if done or time.monotonic() - drawn >= redraw_every:
+                drawn = time.monotonic()
+                report = _status(chunk, dropped, window) if done else gr.skip()
+                yield gr.skip(), gr.skip(), conversation, _messages(conversation.turns), report
+
+    def clear_conversation(conversation: Conversation) -> tuple[Conversation, list, str]:
+        # No cancelling here: a streaming answer sees the cleared conversation, draws it and stops, so
+        # none of its updates can arrive after this one and bring the old conversation back.
+        conversation.clear()
+        return conversation, [], ""
 
     def show_model(checkpoint: str) -> tuple[str, Any]:
         try:
@@ -223,7 +279,7 @@ def build_app(models: ModelStore) -> gr.Blocks:
         return model_card(loaded), gr.Image(value=curve, visible=curve is not None)
 
     with gr.Blocks(title="tinylm", analytics_enabled=False) as app:
-        turns = gr.State([])
+        conversation = gr.State(Conversation())
         gr.Markdown("# tinylm\nChat with a language model trained from scratch.")
         with gr.Row():
             with gr.Column(scale=3):
@@ -240,9 +296,9 @@ def build_app(models: ModelStore) -> gr.Blocks:
                     lines=2,
                 )
                 with gr.Row():
-                    send = gr.Button("Send", variant="primary")
-                    stop = gr.Button("Stop", variant="stop")
-                    clear = gr.Button("Clear")
+                    send = gr.Button("Send", variant="primary", elem_id="send")
+                    stop = gr.Button("Stop", variant="stop", elem_id="stop")
+                    clear = gr.Button("Clear", elem_id="clear")
                 status = gr.Markdown(elem_id="status")
                 gr.Examples([list(e) for e in examples], inputs=[question, context], label="Example prompts")
             with gr.Column(scale=2):
@@ -280,17 +336,17 @@ def build_app(models: ModelStore) -> gr.Blocks:
         answering = gr.on(
             [question.submit, send.click],
             respond,
-            inputs=[question, context, checkpoint, *sliders, turns],
-            outputs=[question, context, turns, chatbot, status],
+            inputs=[question, context, checkpoint, *sliders, conversation],
+            outputs=[question, context, conversation, chatbot, status],
             api_name="chat",
             concurrency_limit=CONCURRENT_ANSWERS,
         )
         stop.click(lambda: "stopped", outputs=status, cancels=[answering])
         gr.on(
             [clear.click, chatbot.clear],
-            lambda: ([], [], ""),
-            outputs=[turns, chatbot, status],
-            cancels=[answering],
+            clear_conversation,
+            inputs=conversation,
+            outputs=[conversation, chatbot, status],
             api_name="clear",
         )
         checkpoint.change(show_model, checkpoint, [card, curve], api_name="model")
