@@ -1,6 +1,6 @@
 """The web page: a Gradio chat over `generate.stream`, on the model's own prompt template.
 
-Each browser tab keeps its own conversation (a per-session `gr.State` of Turns) and its own choice of
+Each browser tab keeps its own conversation (a per-session `gr.State`) and its own choice of
 checkpoint; answers stream through Gradio's queue, so one tab's long answer never freezes another. The
 page reaches nothing outside this machine: analytics and Gradio's update check are off, the default
 theme's fonts ship inside the gradio package, and a public link is made only when asked for.
