@@ -90,6 +90,15 @@ def _build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--checkpoint", required=True, metavar="PATH")
     chat.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     _add_sampling_flags(chat)
+
+    ui = sub.add_parser("ui", help="chat with a model on a web page (Gradio)")
+    ui.add_argument(
+        "--checkpoint", required=True, metavar="PATH", help="a checkpoint, a run folder or a folder of runs"
+    )
+    ui.add_argument("--host", default="127.0.0.1", help="address to serve on (default: this machine only)")
+    ui.add_argument("--port", type=int, default=7860, help="default 7860")
+    ui.add_argument("--share", action="store_true", help="also make a public link through Gradio's servers")
+    ui.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     return parser
 
 
@@ -215,6 +224,25 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return run_chat(session)
 
 
+def cmd_ui(args: argparse.Namespace) -> int:
+    from tinylm.checkpoint import ModelStore, find_checkpoints
+    from tinylm.runtime import pick_device
+
+    models = ModelStore(find_checkpoints(args.checkpoint), device=pick_device(args.device))
+    models.get(models.paths[0])  # a missing or broken checkpoint fails here, before gradio's slow import
+    from tinylm.webui import build_app, launch
+
+    app = build_app(models)
+    try:
+        launch(app, host=args.host, port=args.port, share=args.share)
+    except OSError:
+        raise _UsageError(
+            f"cannot serve on {args.host}:{args.port}: the port is taken or the address is not this "
+            "machine's; choose another --port or --host"
+        ) from None
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from tinylm.checkpoint import load_model
     from tinylm.data.instructions import encode_records, split_records, validation_size
@@ -237,7 +265,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     loss = validation_loss(loaded.model, examples, batch_size=16, pad_id=loaded.tokenizer.eos_id)
     print(f"checkpoint {loaded.path} (step {loaded.info.get('step', 0)})")
     print(
-        f"validation on {len(val):,} held-out records of {source}: loss {loss:.4f}, perplexity {perplexity(loss):.2f}"
+        f"validation on {len(val):,} held-out records of {source}: "
+        f"loss {loss:.4f}, perplexity {perplexity(loss):.2f}"
     )
     if source == "synthetic":
         answers = answer_records(
@@ -273,7 +302,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     return (CheckpointError, ConfigError, DataError, DeviceError, TokenizerError, TrainingError, _UsageError)
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "chat": cmd_chat}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "chat": cmd_chat, "ui": cmd_ui}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
