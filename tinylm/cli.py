@@ -90,6 +90,23 @@ def _build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--checkpoint", required=True, metavar="PATH")
     chat.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     _add_sampling_flags(chat)
+
+    serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP API for trained models")
+    serve.add_argument(
+        "--checkpoint", required=True, action="append", metavar="PATH", help="a model to serve (repeatable)"
+    )
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="default 127.0.0.1; 0.0.0.0 opens it to the network"
+    )
+    serve.add_argument("--port", type=int, default=8000, help="default 8000")
+    serve.add_argument("--api-key", metavar="KEY", help="require this key (default: $TINYLM_API_KEY if set)")
+    serve.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=16,
+        help="answer up to this many requests in one pass (1: one by one)",
+    )
+    serve.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     return parser
 
 
@@ -215,6 +232,25 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return run_chat(session)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from tinylm.checkpoint import load_model
+    from tinylm.runtime import pick_device
+    from tinylm.server import ServeError, listen, serve
+
+    if args.max_batch_size < 1:
+        raise _UsageError(f"--max-batch-size must be at least 1, got {args.max_batch_size}")
+    try:
+        listen(args.host, args.port).close()  # a taken port fails now, not after loading the models
+        models = [load_model(path, device=pick_device(args.device)) for path in args.checkpoint]
+        api_key = args.api_key or os.environ.get("TINYLM_API_KEY") or None
+        serve(models, host=args.host, port=args.port, api_key=api_key, max_batch_size=args.max_batch_size)
+    except ServeError as exc:
+        raise _UsageError(str(exc)) from None
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from tinylm.checkpoint import load_model
     from tinylm.data.instructions import encode_records, split_records, validation_size
@@ -273,7 +309,13 @@ def _user_errors() -> tuple[type[Exception], ...]:
     return (CheckpointError, ConfigError, DataError, DeviceError, TokenizerError, TrainingError, _UsageError)
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "chat": cmd_chat}
+COMMANDS = {
+    "train": cmd_train,
+    "eval": cmd_eval,
+    "generate": cmd_generate,
+    "chat": cmd_chat,
+    "serve": cmd_serve,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
