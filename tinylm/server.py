@@ -319,6 +319,7 @@ class BatchScheduler:
 
     def _answer(self, batch: list[Job]) -> None:
         owners = [(job, row) for job in batch for row in range(len(job.rows))]
+        logger.debug("answering a batch of %d rows from %d requests", len(owners), len(batch))
         for job in batch:
             job.open_rows = len(job.rows)
         steps = stream_batch(
@@ -633,7 +634,7 @@ def serve(
     api_key: str | None = None,
     max_batch_size: int = 16,
 ) -> None:
-    """Run the API under uvicorn until Ctrl-C. Binds to 127.0.0.1 unless told otherwise."""
+    """Run the API under uvicorn until Ctrl-C (or SIGTERM). Binds to 127.0.0.1 unless told otherwise."""
     app = create_app(*models, api_key=api_key, max_batch_size=max_batch_size)
     sock = listen(host, port)
     server = uvicorn.Server(uvicorn.Config(app, log_level="info"))
@@ -645,4 +646,6 @@ def serve(
         sock.getsockname()[1],
         "API key required" if api_key else "no API key",
     )
-    server.run(sockets=[sock])
+    # uvicorn shuts down gracefully on Ctrl-C, then re-raises it; stopping is this command's normal end.
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run(sockets=[sock])
