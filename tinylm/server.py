@@ -40,7 +40,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -54,11 +54,15 @@ from starlette.exceptions import HTTPException
 from tinylm.checkpoint import BEST, LATEST, LoadedModel
 from tinylm.config import SamplingConfig
 from tinylm.generate import Chunk, stream_batch
-from tinylm.prompts import DEFAULT_STOP_STRINGS, Turn, encode_chat
+from tinylm.prompts import DEFAULT_STOP_STRINGS, TextTokenizer, Turn, encode_chat
 
 logger = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1 << 20
+# How long the worker waits for more requests to join a batch (see BatchScheduler._collect): this share
+# of the last batch's time, at most BATCH_WAIT_MAX_S.
+BATCH_WAIT_SHARE = 0.1
+BATCH_WAIT_MAX_S = 0.25
 # Rows one request may ask for (prompts x n); a batch may hold several requests' rows.
 MAX_ROWS_PER_REQUEST = 16
 # OpenAI options whose meaning this server cannot honour; sending one (with a non-empty value) is a 400
@@ -195,7 +199,7 @@ async def _parse(request: Request, schema: type[_R]) -> _R:
 # --- rendering prompts --------------------------------------------------------------------------------
 
 
-def chat_prompt(tokenizer: Any, messages: Sequence[ChatMessage]) -> list[int]:
+def chat_prompt(tokenizer: TextTokenizer, messages: Sequence[ChatMessage]) -> list[int]:
     """Prompt ids for a conversation, on the training template (see the module docstring for the rules)."""
     context = "\n\n".join(m.content or "" for m in messages if m.role in ("system", "developer"))
     dialogue: list[tuple[str, str]] = []
@@ -208,7 +212,7 @@ def chat_prompt(tokenizer: Any, messages: Sequence[ChatMessage]) -> list[int]:
             dialogue.append((m.role, m.content or ""))
     if not dialogue or dialogue[-1][0] != "user":
         raise APIError(
-            400, "messages: the last user or assistant message must be the user's", param="messages"
+            400, "messages: the last message (system messages aside) must be the user's", param="messages"
         )
     if dialogue[0][0] != "user":
         raise APIError(400, "messages: the conversation must start with a user message", param="messages")
@@ -290,22 +294,42 @@ class BatchScheduler:
 
     def _run(self) -> None:
         waiting: list[Job] = []
-        while True:
-            incoming = [self._inbox.get()] if not waiting else []
-            with contextlib.suppress(queue.Empty):
-                while True:
-                    incoming.append(self._inbox.get_nowait())
-            for job in incoming:
-                if job is None:  # stop(): answer no more
-                    for left in waiting:
-                        left.send(APIError(503, "the server is shutting down", kind="server_error"))
-                    return
-                waiting.append(job)
+        rows, seconds = 1, 0.0  # of the last batch
+        while self._collect(waiting, rows, min(BATCH_WAIT_MAX_S, BATCH_WAIT_SHARE * seconds)):
             waiting = [job for job in waiting if not job.cancelled]
             if waiting:
                 batch = self._take_batch(waiting)
                 waiting = [job for job in waiting if job not in batch]
+                rows, started = sum(len(job.rows) for job in batch), time.perf_counter()
                 self._answer(batch)
+                seconds = time.perf_counter() - started
+        for job in waiting:
+            job.send(APIError(503, "the server is shutting down", kind="server_error"))
+
+    def _collect(self, waiting: list[Job], expected: int, wait: float) -> bool:
+        """Move queued jobs into `waiting`; False once stop() was called.
+
+        Blocks for a first job, then waits up to `wait` seconds while fewer rows wait than `expected`:
+        clients answered by one batch ask again at about the same time, but not at once (tens of
+        milliseconds apart on a busy machine), and would otherwise be split into a batch of the first
+        and a batch of the rest. Waiting a share of a batch's time keeps the cost to latency that share.
+        """
+        deadline = time.monotonic() + wait if waiting else None
+        while True:
+            short = sum(len(job.rows) for job in waiting) < min(expected, self.max_batch_size)
+            try:
+                if not waiting:
+                    job = self._inbox.get()
+                elif short and deadline is not None and time.monotonic() < deadline:
+                    job = self._inbox.get(timeout=max(0.0, deadline - time.monotonic()))
+                else:
+                    job = self._inbox.get_nowait()
+            except queue.Empty:
+                return True
+            if job is None:
+                return False
+            waiting.append(job)
+            deadline = deadline or time.monotonic() + wait
 
     def _take_batch(self, waiting: list[Job]) -> list[Job]:
         """The oldest job, and younger ones that sample alike, up to max_batch_size rows."""
@@ -417,43 +441,35 @@ def _usage(prompts: Sequence[Sequence[int]], finals: Sequence[Chunk]) -> dict[st
     }
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Shape:
-    """What differs between the two endpoints' responses."""
+    """What differs between the two endpoints' answers: their names, and where a choice's text goes."""
 
     object: str
     chunk_object: str
     id_prefix: str
-    # (row, text, finish_reason, first) -> one choice of a streamed chunk
-    delta: Callable[[int, str, str | None, bool], dict[str, Any]]
-    # (row, text, finish_reason) -> one choice of a whole answer
-    choice: Callable[[int, str, str], dict[str, Any]]
+    chat: bool
+
+    def choice(self, row: int, text: str, finish_reason: str | None) -> dict[str, Any]:
+        """One choice of a whole answer."""
+        where = {"message": {"role": "assistant", "content": text}} if self.chat else {"text": text}
+        return {"index": row, **where, "logprobs": None, "finish_reason": finish_reason}
+
+    def delta(self, row: int, text: str, finish_reason: str | None = None) -> dict[str, Any]:
+        """One choice of a streamed chunk."""
+        if not self.chat:
+            return self.choice(row, text, finish_reason)
+        delta = {"content": text} if text else {}
+        return {"index": row, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+
+    def opening(self, rows: int) -> list[dict[str, Any]]:
+        """A chat stream first announces the assistant's role, as OpenAI's does."""
+        announce = {"delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+        return [{"index": row, **announce} for row in range(rows)] if self.chat else []
 
 
-CHAT = _Shape(
-    "chat.completion",
-    "chat.completion.chunk",
-    "chatcmpl-",
-    lambda row, text, reason, first: {
-        "index": row,
-        "delta": ({"role": "assistant", "content": ""} if first else {"content": text} if text else {}),
-        "logprobs": None,
-        "finish_reason": reason,
-    },
-    lambda row, text, reason: {
-        "index": row,
-        "message": {"role": "assistant", "content": text},
-        "logprobs": None,
-        "finish_reason": reason,
-    },
-)
-COMPLETION = _Shape(
-    "text_completion",
-    "text_completion",
-    "cmpl-",
-    lambda row, text, reason, first: {"index": row, "text": text, "logprobs": None, "finish_reason": reason},
-    lambda row, text, reason: {"index": row, "text": text, "logprobs": None, "finish_reason": reason},
-)
+CHAT = _Shape("chat.completion", "chat.completion.chunk", "chatcmpl-", chat=True)
+COMPLETION = _Shape("text_completion", "text_completion", "cmpl-", chat=False)
 
 
 async def _answer(served: _Served, job: Job, prompts: list[list[int]], request: _Request, shape: _Shape):
@@ -472,7 +488,7 @@ async def _answer(served: _Served, job: Job, prompts: list[list[int]], request: 
             if chunk.finish_reason:
                 finals[row] = chunk
         choices = [
-            shape.choice(r, "".join(texts[r]), finals[r].finish_reason or "length") for r in range(len(texts))
+            shape.choice(row, "".join(text), finals[row].finish_reason) for row, text in enumerate(texts)
         ]
         return {
             **head,
@@ -492,14 +508,14 @@ async def _answer(served: _Served, job: Job, prompts: list[list[int]], request: 
     async def events() -> AsyncIterator[str]:
         finals: list[Chunk] = []
         try:
-            if shape is CHAT:
-                yield event([shape.delta(r, "", None, True) for r in range(len(job.rows))])
+            if opening := shape.opening(len(job.rows)):
+                yield event(opening)
             async for row, chunk in job.chunks():
                 if chunk.text:
-                    yield event([shape.delta(row, chunk.text, None, False)])
+                    yield event([shape.delta(row, chunk.text)])
                 if chunk.finish_reason:
                     finals.append(chunk)
-                    yield event([shape.delta(row, "", chunk.finish_reason, False)])
+                    yield event([shape.delta(row, "", chunk.finish_reason)])
         except APIError as exc:
             yield f"data: {json.dumps(exc.body())}\n\n"
             return
@@ -515,7 +531,10 @@ async def _answer(served: _Served, job: Job, prompts: list[list[int]], request: 
 
 
 def create_app(*models: LoadedModel, api_key: str | None = None, max_batch_size: int = 16) -> FastAPI:
-    """The API for one or more loaded models; `api_key` (if given) is required as a bearer token on /v1."""
+    """The API for one or more loaded models; `api_key` (if given) is required as a bearer token on /v1.
+
+    Each model's worker thread runs during the app's lifespan, which uvicorn (or `with TestClient(app)`) runs.
+    """
     if not models:
         raise ValueError("create_app needs at least one model")
     if max_batch_size < 1:
@@ -610,7 +629,7 @@ def create_app(*models: LoadedModel, api_key: str | None = None, max_batch_size:
 
     @app.exception_handler(Exception)
     async def internal_error(_: Request, exc: Exception) -> JSONResponse:
-        logger.exception("unexpected error")
+        # Starlette re-raises the exception after this answer, so uvicorn logs its traceback.
         body = APIError(500, f"internal error: {type(exc).__name__}", kind="server_error").body()
         return JSONResponse(body, status_code=500)
 
