@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import contextlib
 import logging
@@ -460,3 +461,13 @@ def test_model_id_is_the_run_folder_or_file_stem(loaded, tmp_path):
     app = create_app(loaded, load_model(named))
     with running(app) as url:
         assert [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]] == [MODEL, "checkpoint_step_5"]
+
+
+def test_the_server_imports_no_training_code_or_other_front_end(repo_root):
+    tree = ast.parse((repo_root / "tinylm" / "server.py").read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {
+        alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names
+    }
+    ours = {name.split(".")[1] for name in imported if name and name.startswith("tinylm.")}
+    assert "generate" in ours and not ours & {"train", "data", "chat", "webui", "cli"}

@@ -243,7 +243,6 @@ class Job:
     events: asyncio.Queue[tuple[int, Chunk] | Exception] = field(default_factory=asyncio.Queue)
     # Set by the event loop when the client has gone; the worker then stops generating for it.
     cancelled: bool = False
-    open_rows: int = -1
 
     def batch_key(self) -> object:
         """Jobs with equal keys can share forward passes: they pick tokens by the same rule."""
@@ -344,8 +343,7 @@ class BatchScheduler:
     def _answer(self, batch: list[Job]) -> None:
         owners = [(job, row) for job in batch for row in range(len(job.rows))]
         logger.debug("answering a batch of %d rows from %d requests", len(owners), len(batch))
-        for job in batch:
-            job.open_rows = len(job.rows)
+        unfinished = {job: len(job.rows) for job in batch}
         steps = stream_batch(
             self.loaded.model,
             self.loaded.tokenizer,
@@ -361,8 +359,8 @@ class BatchScheduler:
                     for (job, row), chunk in zip(owners, chunks, strict=True):
                         if chunk is not None and not job.cancelled:
                             job.send((row, chunk))
-                            job.open_rows -= chunk.finish_reason is not None
-                    if all(job.cancelled or job.open_rows == 0 for job in batch):
+                            unfinished[job] -= chunk.finish_reason is not None
+                    if all(job.cancelled or unfinished[job] == 0 for job in batch):
                         return
         except Exception as exc:  # the server lives on; the requests in this batch get a 500
             logger.exception("generation failed for a batch of %d rows", len(owners))
