@@ -284,6 +284,13 @@ def error_of(response: httpx.Response) -> dict:
             "4",
         ),
         (
+            b'{"model": "run", "messages": [{"role": "user", "content": "x"}], "stop": "'
+            + b"s" * 300
+            + b'"}',
+            "stop",
+            "at most 256 characters",
+        ),
+        (
             b'{"model": "run", "messages": [{"role": "user", "content": "x"}], "stream": "maybe"}',
             "stream",
             "boolean",

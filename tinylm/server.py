@@ -36,6 +36,7 @@ import hmac
 import json
 import logging
 import queue
+import re
 import socket
 import threading
 import time
@@ -107,6 +108,10 @@ class APIError(Exception):
 # --- requests ---------------------------------------------------------------------------------------
 
 
+# Held-back text is checked against every prefix of every stop string at each token: keep them short.
+_StopString = Annotated[str, Field(max_length=256)]
+
+
 class StreamOptions(BaseModel):
     include_usage: bool | None = False
 
@@ -124,7 +129,7 @@ class _Request(BaseModel):
     min_p: float | None = Field(None, ge=0, lt=1)
     repetition_penalty: float | None = Field(None, gt=0)
     n: int | None = Field(None, ge=1, le=MAX_ROWS_PER_REQUEST)
-    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
+    stop: _StopString | Annotated[list[_StopString], Field(max_length=4)] | None = None
     # The range torch.Generator.manual_seed accepts.
     seed: int | None = Field(None, ge=-(1 << 63), lt=1 << 64)
     stream: bool | None = False
@@ -171,8 +176,9 @@ def _describe(error: ValidationError) -> APIError:
         return APIError(
             400, f"The request body is not valid JSON: {first['msg'].removeprefix('Invalid JSON: ')}"
         )
-    # Union members appear in the location as type names ("str", "list[str]"); they say nothing to a user.
-    path = [p for p in first["loc"] if not (isinstance(p, str) and (p in ("str", "int") or "[" in p))]
+    # Union members appear in the location as type names ("str", "list[str]", "constrained-str"), which
+    # say nothing to a user; field names never look like those.
+    path = [p for p in first["loc"] if not (isinstance(p, str) and re.fullmatch(r"str|int|.*[\[-].*", p))]
     param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".") or None
     message = first["msg"].removeprefix("Value error, ")
     if param is None:
