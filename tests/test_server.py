@@ -390,12 +390,24 @@ def test_a_failing_model_answers_500_and_the_server_lives_on(loaded, monkeypatch
         assert client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=3).choices
 
 
-def test_a_client_that_leaves_mid_stream_does_not_hurt_the_next(client, base_url):
-    body = {"model": MODEL, "messages": QUESTION, "max_tokens": 80, "stream": True}
-    with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=body, timeout=30) as response:
-        assert next(response.iter_lines()).startswith("data: {")
-    answer = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=5, temperature=0)
-    assert answer.usage.completion_tokens == 5
+def test_generation_stops_for_a_client_that_leaves_mid_stream(loaded, monkeypatch):
+    forward = loaded.model.forward
+    steps = []
+
+    def slow_forward(*args, **kwargs):  # 10 ms a token: 80 tokens take long enough to leave midway
+        steps.append(1)
+        time.sleep(0.01)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(loaded.model, "forward", slow_forward)
+    with running(create_app(loaded)) as url:
+        body = {"model": MODEL, "messages": QUESTION, "max_tokens": 80, "temperature": 0, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=30) as response:
+            assert '"content": ""' in next(response.iter_lines())  # the role announcement
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        answer = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=5, temperature=0)
+        assert answer.usage.completion_tokens == 5
+    assert len(steps) < 80 + 5
 
 
 def test_twenty_concurrent_streams_each_get_their_own_answer(base_url, client, caplog):
