@@ -1,7 +1,8 @@
 """Generation in three layers: pick the next token, generate token ids with a KV cache, stream text.
 
-The terminal chat, the web page and the HTTP API all read the same `stream` (one prompt) or
-`generate_batch` (several prompts at once). Nothing here knows about HTTP, terminals or training.
+The terminal chat, the web page and the HTTP API all read the same `stream` (one prompt), `stream_batch`
+(several prompts in one batched pass, streamed row by row) or `generate_batch` (its whole answers).
+Nothing here knows about HTTP, terminals or training.
 """
 
 from __future__ import annotations
