@@ -11,7 +11,7 @@ from typing import TextIO
 from tinylm.checkpoint import LoadedModel
 from tinylm.config import ConfigError, SamplingConfig, apply_overrides
 from tinylm.generate import stream
-from tinylm.prompts import DEFAULT_STOP_STRINGS, Turn, encode_chat
+from tinylm.prompts import DEFAULT_STOP_STRINGS, Turn, chat_prompt_budget, encode_chat
 
 HELP = """commands:
   /help               this list
@@ -51,9 +51,12 @@ class ChatSession:
     def ask(self, question: str, write: Callable[[str], None], *, context: str = "") -> tuple[str, float]:
         """Stream an answer through `write`; returns the answer and its tokens/s. Ctrl-C ends it early."""
         window = self.loaded.config.model.max_seq_length
-        room = max(1, min(self.sampling.max_new_tokens, window // 2))
         prompt, dropped = encode_chat(
-            self.loaded.tokenizer, self.history, question, context, max_prompt_tokens=window - room
+            self.loaded.tokenizer,
+            self.history,
+            question,
+            context,
+            max_prompt_tokens=chat_prompt_budget(window, self.sampling.max_new_tokens),
         )
         if dropped:
             write(f"[dropped the {dropped} oldest turn(s) to fit the {window}-token context window]\n")
@@ -87,9 +90,8 @@ def run_chat(session: ChatSession, *, stdin: TextIO = sys.stdin, stdout: TextIO 
         stdout.flush()
 
     interactive = stdin.isatty()
-    write(
-        f"tinylm chat: {session.loaded.path} ({session.loaded.model.num_parameters():,} parameters). /help for commands.\n"
-    )
+    parameters = session.loaded.model.num_parameters()
+    write(f"tinylm chat: {session.loaded.path} ({parameters:,} parameters). /help for commands.\n")
     while True:
         if interactive:
             write("\nyou> ")

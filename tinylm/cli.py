@@ -99,6 +99,31 @@ def _build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--checkpoint", required=True, metavar="PATH")
     chat.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     _add_sampling_flags(chat)
+
+    ui = sub.add_parser("ui", help="chat with a model on a web page (Gradio)")
+    ui.add_argument(
+        "--checkpoint", required=True, metavar="PATH", help="a checkpoint, a run folder or a folder of runs"
+    )
+    ui.add_argument("--host", default="127.0.0.1", help="address to serve on (default: this machine only)")
+    ui.add_argument("--port", type=int, default=7860, help="default 7860")
+    ui.add_argument("--share", action="store_true", help="also make a public link through Gradio's servers")
+    ui.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP API for trained models")
+    serve.add_argument(
+        "--checkpoint", required=True, action="append", metavar="PATH", help="a model to serve (repeatable)"
+    )
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="default 127.0.0.1; 0.0.0.0 opens it to the network"
+    )
+    serve.add_argument("--port", type=int, default=8000, help="default 8000")
+    serve.add_argument("--api-key", metavar="KEY", help="require this key (default: $TINYLM_API_KEY if set)")
+    serve.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=16,
+        help="answer up to this many requests in one pass (1: one by one)",
+    )
+    serve.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     return parser
 
 
@@ -231,6 +256,43 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return run_chat(session)
 
 
+def cmd_ui(args: argparse.Namespace) -> int:
+    from tinylm.checkpoint import ModelStore, find_checkpoints
+    from tinylm.runtime import pick_device
+
+    models = ModelStore(find_checkpoints(args.checkpoint), device=pick_device(args.device))
+    models.get(models.paths[0])  # a missing or broken checkpoint fails here, before gradio's slow import
+    from tinylm.webui import build_app, launch
+
+    app = build_app(models)
+    try:
+        launch(app, host=args.host, port=args.port, share=args.share)
+    except OSError:
+        raise _UsageError(
+            f"cannot serve on {args.host}:{args.port}: the port is taken or the address is not this "
+            "machine's; choose another --port or --host"
+        ) from None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from tinylm.checkpoint import load_model
+    from tinylm.runtime import pick_device
+    from tinylm.server import ServeError, listen, serve
+
+    if args.max_batch_size < 1:
+        raise _UsageError(f"--max-batch-size must be at least 1, got {args.max_batch_size}")
+    try:
+        listen(args.host, args.port).close()  # a taken port fails now, not after loading the models
+        models = [load_model(path, device=pick_device(args.device)) for path in args.checkpoint]
+        api_key = args.api_key or os.environ.get("TINYLM_API_KEY") or None
+        serve(models, host=args.host, port=args.port, api_key=api_key, max_batch_size=args.max_batch_size)
+    except ServeError as exc:
+        raise _UsageError(str(exc)) from None
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
@@ -318,6 +380,8 @@ COMMANDS = {
     "generate": cmd_generate,
     "chat": cmd_chat,
     "plot": cmd_plot,
+    "serve": cmd_serve,
+    "ui": cmd_ui,
 }
 
 

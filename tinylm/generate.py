@@ -1,7 +1,8 @@
 """Generation in three layers: pick the next token, generate token ids with a KV cache, stream text.
 
-The terminal chat, the web page and the HTTP API all read the same `stream` (one prompt) or
-`generate_batch` (several prompts at once). Nothing here knows about HTTP, terminals or training.
+The terminal chat, the web page and the HTTP API all read the same `stream` (one prompt), `stream_batch`
+(several prompts in one batched pass, streamed row by row) or `generate_batch` (its whole answers).
+Nothing here knows about HTTP, terminals or training.
 """
 
 from __future__ import annotations
@@ -182,6 +183,64 @@ class Chunk:
         return self.completion_tokens / self.seconds if self.seconds > 0 else 0.0
 
 
+def stream_batch(
+    model: TinyLM,
+    tokenizer: Tokenizer,
+    prompts: Sequence[Sequence[int]],
+    sampling: SamplingConfig,
+    *,
+    stops: Sequence[Sequence[str]] | None = None,
+    max_new_tokens: Sequence[int] | None = None,
+    seed: int | None = None,
+) -> Iterator[list[Chunk | None]]:
+    """Stream several prompts from one batched pass: each step yields one chunk per row.
+
+    A row's chunk is None once that row has finished; its last chunk carries finish_reason and the counts.
+    Each row stops on its own end-of-text, its own stop strings (`stops[row]`) or its own token limit
+    (`max_new_tokens[row]`, default sampling.max_new_tokens), so requests with different options can
+    share the forward passes. Iteration ends when every row has finished.
+    """
+    started = time.perf_counter()
+    trackers = [_TextTracker(tokenizer, row_stop) for row_stop in (stops or [()] * len(prompts))]
+    limits = list(max_new_tokens or [sampling.max_new_tokens] * len(prompts))
+    if not len(trackers) == len(limits) == len(prompts):
+        raise ValueError("stops and max_new_tokens need one entry per prompt")
+    counts = [0] * len(prompts)
+    finished = [False] * len(prompts)
+    tokens = generate_ids(model, prompts, sampling, pad_id=tokenizer.eos_id, seed=seed)
+    try:
+        for row_tokens in tokens:
+            chunks: list[Chunk | None] = []
+            for row, token in enumerate(row_tokens.tolist()):
+                if finished[row]:
+                    chunks.append(None)
+                    continue
+                tracker = trackers[row]
+                counts[row] += 1
+                text = tracker.push(token)
+                reason = tracker.finish_reason
+                if reason is None and counts[row] >= limits[row]:
+                    text, reason = text + tracker.flush(), "length"
+                if reason is None:
+                    chunks.append(Chunk(text))
+                    continue
+                finished[row] = True
+                chunks.append(
+                    Chunk(
+                        text,
+                        finish_reason=reason,
+                        prompt_tokens=len(prompts[row]),
+                        completion_tokens=counts[row],
+                        seconds=time.perf_counter() - started,
+                    )
+                )
+            yield chunks
+            if all(finished):
+                return
+    finally:
+        tokens.close()
+
+
 def stream(
     model: TinyLM,
     tokenizer: Tokenizer,
@@ -195,29 +254,9 @@ def stream(
 
     finish_reason is "stop" (end-of-text or a stop string) or "length" (max_new_tokens reached).
     """
-    started = time.perf_counter()
-    tracker = _TextTracker(tokenizer, stop)
-    produced = 0
-    tokens = generate_ids(model, [prompt_ids], sampling, pad_id=tokenizer.eos_id, seed=seed)
-    try:
-        for token in tokens:
-            produced += 1
-            text = tracker.push(int(token[0]))
-            if tracker.finish_reason or produced >= sampling.max_new_tokens:
-                break
-            if text:
-                yield Chunk(text)
-    finally:
-        tokens.close()
-    if not tracker.finish_reason:
-        text += tracker.flush()
-    yield Chunk(
-        text,
-        finish_reason=tracker.finish_reason or "length",
-        prompt_tokens=len(prompt_ids),
-        completion_tokens=produced,
-        seconds=time.perf_counter() - started,
-    )
+    for (chunk,) in stream_batch(model, tokenizer, [prompt_ids], sampling, stops=[stop], seed=seed):
+        if chunk is not None and (chunk.text or chunk.finish_reason):
+            yield chunk
 
 
 @dataclass
@@ -258,23 +297,14 @@ def generate_batch(
     seed: int | None = None,
 ) -> list[Completion]:
     """Answer several prompts in one batched pass; each row stops on its own end-of-text, stop or length."""
-    trackers = [_TextTracker(tokenizer, stop) for _ in prompts]
-    counts = [0] * len(prompts)
-    tokens = generate_ids(model, prompts, sampling, pad_id=tokenizer.eos_id, seed=seed)
-    try:
-        for step, row_tokens in enumerate(tokens, start=1):
-            for row, tracker in enumerate(trackers):
-                if tracker.finish_reason is None:
-                    tracker.push(int(row_tokens[row]))
-                    counts[row] += 1
-            if all(t.finish_reason for t in trackers) or step >= sampling.max_new_tokens:
-                break
-    finally:
-        tokens.close()
-    for tracker in trackers:
-        if tracker.finish_reason is None:
-            tracker.flush()
+    texts: list[list[str]] = [[] for _ in prompts]
+    last: list[Chunk] = [Chunk("") for _ in prompts]
+    for chunks in stream_batch(model, tokenizer, prompts, sampling, stops=[stop] * len(prompts), seed=seed):
+        for row, chunk in enumerate(chunks):
+            if chunk is not None:
+                texts[row].append(chunk.text)
+                last[row] = chunk
     return [
-        Completion(t.text, t.finish_reason or "length", len(p), n)
-        for t, p, n in zip(trackers, prompts, counts, strict=True)
+        Completion("".join(text), end.finish_reason or "length", end.prompt_tokens, end.completion_tokens)
+        for text, end in zip(texts, last, strict=True)
     ]

@@ -102,6 +102,14 @@ def encode_example(
     return EncodedExample(tokens=tokens, loss_mask=loss_mask[: len(tokens)])
 
 
+def chat_prompt_budget(window: int, max_new_tokens: int) -> int:
+    """Tokens a chat prompt may take so that the answer has room: max_new_tokens, at most half the window.
+
+    Every front end that holds a conversation (terminal, web page) sizes its prompt with this.
+    """
+    return window - max(1, min(max_new_tokens, window // 2))
+
+
 def encode_chat(
     tokenizer: TextTokenizer,
     history: Sequence[Turn],
