@@ -89,7 +89,9 @@ def machine() -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per cell (default 5)")
     parser.add_argument("--presets", nargs="+", default=["v1", "v2"])
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
@@ -99,7 +101,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     hf_logging.set_verbosity_error()
     print(machine())
-    print(f"greedy, {NEW_TOKENS} new tokens after a {PROMPT_TOKENS}-token prompt; median of {args.rounds} rounds")
+    print(
+        f"greedy, {NEW_TOKENS} new tokens after a {PROMPT_TOKENS}-token prompt; median of {args.rounds} rounds"
+    )
     print()
     print("| model | batch | tinylm tokens/s | HF generate tokens/s | tinylm / HF |")
     print("| --- | --- | --- | --- | --- |")
@@ -110,7 +114,7 @@ def main() -> None:
             prompts = torch.randint(0, config.vocab_size, (batch, PROMPT_TOKENS))
             runners = {"tinylm": tinylm_runner(config, prompts), "hf": hf_runner(config, prompts)}
             speeds: dict[str, list[float]] = {key: [] for key in runners}
-            for key, run in runners.items():
+            for run in runners.values():
                 run()  # warm-up: first-call allocations and kernel selection
             for _ in range(args.rounds):
                 for key, run in runners.items():

@@ -1,9 +1,13 @@
 """Shared set-up: tests never reach the network, and every model is tiny (2 layers, 32 wide)."""
 
+import json
 import logging
 import os
+import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -17,6 +21,7 @@ OFFLINE_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
     "HF_HOME": str(_STATE / "hf"),
     "WANDB_DIR": str(_STATE / "wandb"),
+    "TINYLM_CACHE": str(_STATE / "tinylm-cache"),
     # A 32-wide model gains nothing from threads, and spinning OpenMP workers on a busy 2-core machine
     # make each tiny matmul hundreds of times slower.
     "OMP_NUM_THREADS": "1",
@@ -103,11 +108,129 @@ def offline_env() -> dict[str, str]:
     return env
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _offline_state_folder():
+    """HF_HOME and WANDB_DIR point here for the whole session; nothing in it outlives the tests."""
+    yield _STATE
+    shutil.rmtree(_STATE, ignore_errors=True)
+
+
 @pytest.fixture(autouse=True)
 def _restore_logging():
     """`tinylm.cli.main` points the root logger at the (captured) stdout; undo that after each test."""
     root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
+    before, level = set(root.handlers), root.level
     yield
-    root.handlers[:] = handlers
+    for handler in root.handlers[:]:
+        if handler not in before and type(handler) is logging.StreamHandler:
+            root.removeHandler(handler)
     root.setLevel(level)
+
+
+# Four prompts a tiny byte-level model learns by heart in a few dozen steps, for tests needing known answers.
+MEMORISED = (
+    ("What is 2 plus 3?", "5"),
+    ("Name a colour.", "blue sky"),
+    ("Greet me.", "hello there"),
+    ("Count to three.", "1 2 3"),
+)
+
+
+@pytest.fixture(scope="session")
+def memorised():
+    """(model, tokenizer, examples): a 2-layer, 32-wide model overfit on MEMORISED, in eval mode."""
+    from tinylm.data.instructions import collate
+    from tinylm.model import TinyLM, lm_loss
+    from tinylm.prompts import encode_example
+    from tinylm.tokenizer import ByteTokenizer
+
+    tokenizer = ByteTokenizer()
+    torch.manual_seed(0)
+    model = TinyLM(make_tiny_config().model)
+    examples = [encode_example(tokenizer, q, "", a, max_seq_length=64) for q, a in MEMORISED]
+    inputs, targets = collate(examples, tokenizer.eos_id)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(300):
+        loss_sum, n = lm_loss(model, inputs, targets)
+        (loss_sum / n).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if loss_sum.item() / n < 0.01:
+            break
+    assert loss_sum.item() / n < 0.01, "the tiny model failed to memorise four examples"
+    return model.eval(), tokenizer, MEMORISED
+
+
+class ScriptedRun(NamedTuple):
+    folder: Path
+    answer: str
+
+
+SCRIPTED_ANSWER = "tiny model"
+
+
+@pytest.fixture(scope="session")
+def scripted_run(tmp_path_factory) -> ScriptedRun:
+    """A run folder (best_model.pt, latest.pt, metrics.jsonl) whose byte-level model answers every prompt
+    with SCRIPTED_ANSWER and then end-of-text, for the front ends' tests.
+
+    The blocks are zeroed, so each next token depends on the current token alone, and the embedding and
+    output layer spell the answer as a chain: "\\n" (every prompt ends with one) -> "t" -> "i" -> ... -> end.
+    """
+    from tinylm.checkpoint import save_checkpoint
+    from tinylm.model import TinyLM
+    from tinylm.tokenizer import ByteTokenizer
+
+    config = make_tiny_config()
+    config = replace(config, model=replace(config.model, max_seq_length=256)).validate()
+    tokenizer = ByteTokenizer()
+    chain = tokenizer.encode("\n" + SCRIPTED_ANSWER)
+    assert len(set(chain)) == len(chain) <= config.model.d_model, "the chain needs distinct tokens"
+    model = TinyLM(config.model)
+    with torch.no_grad():
+        for param in (*model.blocks.parameters(), model.embed.weight, model.head.weight, model.head.bias):
+            param.zero_()
+        for dim, (current, following) in enumerate(zip(chain, [*chain[1:], tokenizer.eos_id], strict=True)):
+            model.embed.weight[current, dim] = 20.0
+            model.head.weight[following, dim] = 10.0
+    folder = tmp_path_factory.mktemp("scripted-run")
+    info = {"best_val_loss": 1.25}
+    for name, step in (("best_model.pt", 40), ("latest.pt", 60)):
+        save_checkpoint(folder / name, model=model, config=config, tokenizer=tokenizer, step=step, info=info)
+    metrics = [{"step": s, "loss": 3.0 / s} for s in range(1, 61)]
+    metrics += [{"step": s, "val_loss": 3.5 / s} for s in (20, 40, 60)]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics), encoding="utf-8")
+    return ScriptedRun(folder, SCRIPTED_ANSWER)
+
+
+@pytest.fixture(scope="session")
+def webui_url(scripted_run):
+    """The web page for scripted_run's checkpoints, served in-process on a free port of 127.0.0.1."""
+    import socket
+
+    from tinylm.checkpoint import ModelStore, find_checkpoints
+    from tinylm.webui import build_app, launch
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # Redrawn on every piece of text, so the tests see each step of the streaming.
+    app = build_app(ModelStore(find_checkpoints(scripted_run.folder)), redraw_every=0)
+    yield launch(app, port=port, block=False)
+    app.close()
+
+
+@pytest.fixture
+def generations(monkeypatch) -> list[tuple[list[int], SamplingConfig]]:
+    """Every (prompt ids, sampling) the web page hands to generate.stream during one test."""
+    from tinylm import webui
+
+    calls: list[tuple[list[int], SamplingConfig]] = []
+    real = webui.stream
+
+    def recording(model, tokenizer, prompt_ids, sampling, **options):
+        calls.append((list(prompt_ids), sampling))
+        return real(model, tokenizer, prompt_ids, sampling, **options)
+
+    monkeypatch.setattr(webui, "stream", recording)
+    return calls

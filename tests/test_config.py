@@ -48,7 +48,7 @@ def test_presets_are_valid(name):
 
 
 def test_unknown_preset_names_the_choices():
-    with pytest.raises(ConfigError, match="'v9'.*v1, v2"):
+    with pytest.raises(ConfigError, match=r"'v9'.*v1, v2"):
         preset("v9")
 
 
@@ -141,14 +141,14 @@ def test_toml_file_with_sections_and_flat_names(tmp_path):
 def test_config_file_with_unknown_field_fails_naming_it(tmp_path):
     path = tmp_path / "run.toml"
     path.write_text("[model]\nwidth = 64\n")
-    with pytest.raises(ConfigError, match="model.width"):
+    with pytest.raises(ConfigError, match=r"model\.width"):
         load_config_file(path)
 
 
 def test_malformed_config_file_names_the_file(tmp_path):
     path = tmp_path / "broken.toml"
     path.write_text("[model\n")
-    with pytest.raises(ConfigError, match="broken.toml"):
+    with pytest.raises(ConfigError, match=r"broken\.toml"):
         load_config_file(path)
     with pytest.raises(ConfigError, match="cannot read config file"):
         load_config_file(tmp_path / "absent.yaml")

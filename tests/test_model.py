@@ -1,4 +1,4 @@
-"""The transformer: causal, the parameter count its architecture implies, and a KV cache that changes nothing."""
+"""The transformer: causal, the parameter count its architecture implies, a KV cache that changes nothing."""
 
 import pytest
 import torch

@@ -8,6 +8,7 @@ from tinylm.prompts import (
     INSTRUCTION_HEADER,
     RESPONSE_HEADER,
     Turn,
+    chat_prompt_budget,
     encode_chat,
     encode_example,
     encode_prompt,
@@ -66,7 +67,8 @@ def test_collate_shifts_by_one_and_ignores_masked_and_padded_targets():
     for row, example in enumerate([short, long]):
         n = len(example.tokens) - 1
         assert inputs[row, :n].tolist() == example.tokens[:-1]
-        expected = [t if keep else IGNORE_INDEX for t, keep in zip(example.tokens[1:], example.loss_mask[1:])]
+        pairs = zip(example.tokens[1:], example.loss_mask[1:], strict=True)
+        expected = [t if keep else IGNORE_INDEX for t, keep in pairs]
         assert targets[row, :n].tolist() == expected
         assert torch.all(inputs[row, n:] == TOK.eos_id)
         assert torch.all(targets[row, n:] == IGNORE_INDEX)
@@ -93,3 +95,9 @@ def test_chat_prompt_carries_earlier_turns_and_drops_the_oldest_to_fit():
     assert dropped == 1
     assert ids[-len(current) :] == current
     assert TOK.decode(ids).startswith("### Instruction:\nSecond?")
+
+
+def test_chat_prompt_budget_leaves_room_for_the_answer_but_never_more_than_half_the_window():
+    assert chat_prompt_budget(128, 100) == 64
+    assert chat_prompt_budget(128, 20) == 108
+    assert chat_prompt_budget(128, 0) == 127

@@ -11,7 +11,7 @@ from typing import TextIO
 from tinylm.checkpoint import LoadedModel
 from tinylm.config import ConfigError, SamplingConfig, apply_overrides
 from tinylm.generate import stream
-from tinylm.prompts import DEFAULT_STOP_STRINGS, Turn, encode_chat, encode_prompt, prompt_budget
+from tinylm.prompts import DEFAULT_STOP_STRINGS, Turn, chat_prompt_budget, encode_chat, encode_prompt
 
 HELP = """commands:
   /help               this list
@@ -83,7 +83,7 @@ class ChatSession:
             self.history,
             question,
             context,
-            max_prompt_tokens=prompt_budget(window, self.sampling.max_new_tokens),
+            max_prompt_tokens=chat_prompt_budget(window, self.sampling.max_new_tokens),
         )
         # encode_chat cuts the question itself only once every earlier turn is gone.
         cut = (
@@ -132,10 +132,8 @@ def run_chat(session: ChatSession, *, stdin: TextIO = sys.stdin, stdout: TextIO 
         stdout.flush()
 
     interactive = stdin.isatty()
-    write(
-        f"tinylm chat: {session.loaded.path} ({session.loaded.model.num_parameters():,} parameters). "
-        "/help for commands.\n"
-    )
+    parameters = session.loaded.model.num_parameters()
+    write(f"tinylm chat: {session.loaded.path} ({parameters:,} parameters). /help for commands.\n")
     while True:
         try:
             if interactive:

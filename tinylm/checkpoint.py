@@ -7,7 +7,11 @@ never needs the training data or the network.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +57,24 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_folder(path.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the rename itself durable: after a power loss the folder names the new file, not the old."""
+    if os.name != "posix":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_temp_files(folder: Path) -> None:
+    """Delete the temporary files of saves that a kill interrupted (the checkpoints themselves are whole)."""
+    for tmp in folder.glob(".*.pt.*.tmp"):
+        tmp.unlink(missing_ok=True)
 
 
 def save_checkpoint(
@@ -81,17 +103,56 @@ def save_checkpoint(
     return path
 
 
+def _run_model(folder: Path) -> Path | None:
+    """A run folder's best model, else its latest checkpoint, else None."""
+    return next((folder / name for name in (BEST, LATEST) if (folder / name).is_file()), None)
+
+
 def resolve_checkpoint_path(path: str | Path) -> Path:
     """A checkpoint file, or a run folder (its best model, else its latest checkpoint)."""
     path = Path(path)
     if path.is_dir():
-        for name in (BEST, LATEST):
-            if (path / name).is_file():
-                return path / name
-        raise CheckpointError(f"{path}: folder holds no {BEST} or {LATEST}")
+        found = _run_model(path)
+        if found is None:
+            raise CheckpointError(f"{path}: folder holds no {BEST} or {LATEST}")
+        return found
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
     return path
+
+
+def resume_checkpoint_path(path: str | Path) -> Path:
+    """The checkpoint a run resumes from: a run folder's latest.pt, or the given checkpoint file."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / LATEST).is_file():
+            raise CheckpointError(f"{path / LATEST} does not exist: {path} holds no run to resume")
+        return path / LATEST
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    return path
+
+
+def find_checkpoints(path: str | Path) -> list[Path]:
+    """Every checkpoint `path` names, the one to open first at the front, for a front end to choose from.
+
+    A file is itself; a folder gives its own *.pt files (best, latest, then by step) and the best (else
+    latest) model of each run folder inside it.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return [resolve_checkpoint_path(path)]
+
+    def order(file: Path) -> tuple[int, int, str]:
+        rank = {BEST: 0, LATEST: 1}.get(file.name, 2)
+        step = re.fullmatch(r"checkpoint_step_(\d+)\.pt", file.name)
+        return rank, int(step.group(1)) if step else -1, file.name
+
+    found = sorted((f for f in path.glob("*.pt") if f.is_file()), key=order)
+    found += [m for sub in sorted(path.iterdir()) if sub.is_dir() and (m := _run_model(sub))]
+    if not found:
+        raise CheckpointError(f"{path}: folder holds no checkpoints (*.pt files or run folders)")
+    return found
 
 
 def read_checkpoint(path: str | Path) -> tuple[Path, dict[str, Any]]:
@@ -114,6 +175,13 @@ def read_checkpoint(path: str | Path) -> tuple[Path, dict[str, Any]]:
 def load_model(path: str | Path, *, device: torch.device | str = "cpu") -> LoadedModel:
     """Rebuild the model, config and tokenizer from a checkpoint, in eval mode on `device`."""
     path, payload = read_checkpoint(path)
+    return model_from_payload(path, payload, device=device)
+
+
+def model_from_payload(
+    path: Path, payload: dict[str, Any], *, device: torch.device | str = "cpu"
+) -> LoadedModel:
+    """`load_model` for a checkpoint already read, so a resuming trainer reads the file once."""
     try:
         config = config_from_dict(payload["config"], origin=str(path))
         tokenizer = tokenizer_from_dict(payload["tokenizer"])
@@ -129,3 +197,28 @@ def load_model(path: str | Path, *, device: torch.device | str = "cpu") -> Loade
     model.to(device).eval()
     info = dict(payload.get("info") or {}, step=payload.get("step", 0))
     return LoadedModel(model=model, config=config, tokenizer=tokenizer, path=path, info=info)
+
+
+class ModelStore:
+    """The checkpoints a front end may switch between, loaded on first use; the last few used stay loaded."""
+
+    def __init__(self, paths: Sequence[str | Path], *, device: torch.device | str = "cpu", keep: int = 2):
+        if not paths:
+            raise CheckpointError("no checkpoints to serve")
+        self.paths = [Path(p) for p in paths]
+        self.device = device
+        self.keep = keep
+        self._loaded: OrderedDict[Path, LoadedModel] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, path: str | Path) -> LoadedModel:
+        path = Path(path)
+        if path not in self.paths:
+            raise CheckpointError(f"{path} is not among the checkpoints being served")
+        with self._lock:
+            if path not in self._loaded:
+                self._loaded[path] = load_model(path, device=self.device)
+                while len(self._loaded) > self.keep:
+                    self._loaded.popitem(last=False)
+            self._loaded.move_to_end(path)
+            return self._loaded[path]

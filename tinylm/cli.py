@@ -49,11 +49,10 @@ def _build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--data",
         metavar="SOURCE",
-        help="a Hub data set name, a .jsonl/.json/.csv/.parquet file, or 'synthetic'",
+        help="instructions: a Hub data set name, a .jsonl/.json/.csv/.parquet file, or 'synthetic'; "
+        "plain text: a .txt file, a folder of them, or hf:NAME (see --set hf_config/hf_split/text_field)",
     )
-    train.add_argument(
-        "--out", default="checkpoints", metavar="DIR", help="run folder (default: checkpoints)"
-    )
+    train.add_argument("--out", metavar="DIR", help="run folder (default: checkpoints)")
     train.add_argument(
         "--device", choices=["auto", "cpu", "cuda", "mps"], help="default: auto (CUDA, MPS, CPU)"
     )
@@ -61,7 +60,17 @@ def _build_parser() -> argparse.ArgumentParser:
         "--resume", metavar="PATH", help="continue the run in this folder (or from this checkpoint)"
     )
     train.add_argument(
+        "--init-from", metavar="CHECKPOINT", help="start a new run from this model's weights and tokenizer"
+    )
+    train.add_argument(
         "--overwrite", action="store_true", help="start afresh in --out, deleting the run there"
+    )
+    train.add_argument("--quiet", action="store_true", help="plain log lines instead of a progress bar")
+
+    plot = sub.add_parser("plot", help="draw the loss curves of one or several runs on one chart")
+    plot.add_argument("runs", nargs="+", metavar="RUN", help="a run folder (or its metrics.jsonl)")
+    plot.add_argument(
+        "--out", default="plot.png", metavar="FILE", help="the PNG to write (default: plot.png)"
     )
 
     evaluate = sub.add_parser(
@@ -90,17 +99,44 @@ def _build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--checkpoint", required=True, metavar="PATH")
     chat.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     _add_sampling_flags(chat)
+
+    ui = sub.add_parser("ui", help="chat with a model on a web page (Gradio)")
+    ui.add_argument(
+        "--checkpoint", required=True, metavar="PATH", help="a checkpoint, a run folder or a folder of runs"
+    )
+    ui.add_argument("--host", default="127.0.0.1", help="address to serve on (default: this machine only)")
+    ui.add_argument("--port", type=int, default=7860, help="default 7860")
+    ui.add_argument("--share", action="store_true", help="also make a public link through Gradio's servers")
+    ui.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP API for trained models")
+    serve.add_argument(
+        "--checkpoint", required=True, action="append", metavar="PATH", help="a model to serve (repeatable)"
+    )
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="default 127.0.0.1; 0.0.0.0 opens it to the network"
+    )
+    serve.add_argument("--port", type=int, default=8000, help="default 8000")
+    serve.add_argument("--api-key", metavar="KEY", help="require this key (default: $TINYLM_API_KEY if set)")
+    serve.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=16,
+        help="answer up to this many requests in one pass (1: one by one)",
+    )
+    serve.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     return parser
 
 
 def _train_config(args: argparse.Namespace):
-    from tinylm.checkpoint import read_checkpoint
+    from tinylm.checkpoint import read_checkpoint, resume_checkpoint_path
     from tinylm.config import apply_overrides, config_from_dict, load_config_file, parse_set_args, preset
 
     overrides: dict[str, str] = {}
     if args.resume:
-        _, payload = read_checkpoint(args.resume)
-        config = config_from_dict(payload["config"], origin=str(args.resume))
+        if args.preset or args.config:
+            raise _UsageError("--resume takes the run's config from its checkpoint; change fields with --set")
+        path, payload = read_checkpoint(resume_checkpoint_path(args.resume))
+        config = config_from_dict(payload["config"], origin=str(path))
     elif args.config:
         config = load_config_file(args.config, base=preset(args.preset or "v2"))
     else:
@@ -114,16 +150,21 @@ def _train_config(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from tinylm.train import Trainer
 
-    config = _train_config(args)
-    out = args.out
-    if args.resume:
-        resume = Path(args.resume)
-        out = resume if resume.is_dir() else resume.parent
-    result = Trainer(config, out_dir=out, resume=bool(args.resume), overwrite=args.overwrite).run()
+    trainer = Trainer(
+        _train_config(args),
+        out_dir=args.out or (None if args.resume else "checkpoints"),
+        resume=args.resume,
+        init_from=args.init_from,
+        overwrite=args.overwrite,
+        progress_bar=False if args.quiet else None,
+    )
+    try:
+        result = trainer.run()
+    except KeyboardInterrupt:
+        print(f"quit without saving; the last checkpoint in {trainer.out_dir} is kept", file=sys.stderr)
+        return 130
     best = f"{result.best_val_loss:.4f}" if result.best_val_loss is not None else "n/a"
     print(
         f"{'stopped' if result.interrupted else 'done'} at step {result.step}; best validation loss {best}; "
@@ -163,7 +204,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.prompt is None or not args.prompt.strip():
         raise _UsageError("--prompt is empty: give the instruction to answer, or use --chat")
     from tinylm.generate import stream
-    from tinylm.prompts import DEFAULT_STOP_STRINGS, fit_prompt, prompt_budget
+    from tinylm.prompts import DEFAULT_STOP_STRINGS, chat_prompt_budget, fit_prompt
 
     loaded = _load(args)
     sampling = _sampling(args, loaded.config)
@@ -172,7 +213,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         loaded.tokenizer,
         args.prompt,
         args.context,
-        max_prompt_tokens=prompt_budget(window, sampling.max_new_tokens),
+        max_prompt_tokens=chat_prompt_budget(window, sampling.max_new_tokens),
     )
     if cut:
         print(
@@ -224,45 +265,95 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return run_chat(session)
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
+def cmd_ui(args: argparse.Namespace) -> int:
+    from tinylm.checkpoint import ModelStore, find_checkpoints
+    from tinylm.runtime import pick_device
+
+    models = ModelStore(find_checkpoints(args.checkpoint), device=pick_device(args.device))
+    models.get(models.paths[0])  # a missing or broken checkpoint fails here, before gradio's slow import
+    from tinylm.webui import build_app, launch
+
+    app = build_app(models)
+    try:
+        launch(app, host=args.host, port=args.port, share=args.share)
+    except OSError:
+        raise _UsageError(
+            f"cannot serve on {args.host}:{args.port}: the port is taken or the address is not this "
+            "machine's; choose another --port or --host"
+        ) from None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
     from tinylm.checkpoint import load_model
-    from tinylm.data.instructions import encode_records, split_records, validation_size
-    from tinylm.data.sources import load_records
-    from tinylm.data.synthetic import check_answer
-    from tinylm.evaluate import answer_records, perplexity, validation_loss
+    from tinylm.runtime import pick_device
+    from tinylm.server import ServeError, listen, serve
+
+    if args.max_batch_size < 1:
+        raise _UsageError(f"--max-batch-size must be at least 1, got {args.max_batch_size}")
+    try:
+        listen(args.host, args.port).close()  # a taken port fails now, not after loading the models
+        models = [load_model(path, device=pick_device(args.device)) for path in args.checkpoint]
+        api_key = args.api_key or os.environ.get("TINYLM_API_KEY") or None
+        serve(models, host=args.host, port=args.port, api_key=api_key, max_batch_size=args.max_batch_size)
+    except ServeError as exc:
+        raise _UsageError(str(exc)) from None
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from tinylm.checkpoint import load_model
+    from tinylm.data.prepare import prepare_data
+    from tinylm.evaluate import perplexity, validation_loss
     from tinylm.runtime import pick_device
 
     loaded = load_model(args.checkpoint, device=pick_device(args.device))
     c = loaded.config
     source = args.data or c.data.source
+    data = prepare_data(replace(c, data=replace(c.data, source=source)), tokenizer=loaded.tokenizer)
+    loss = validation_loss(loaded.model, data.val, batch_size=16, pad_id=loaded.tokenizer.eos_id)
+    print(f"checkpoint {loaded.path} (step {loaded.info.get('step', 0)})")
+    held_out = f"{len(data.val):,} held-out {'windows' if data.is_text else 'records'} of {source}"
+    print(f"validation on {held_out}: loss {loss:.4f}, perplexity {perplexity(loss):.2f}")
+    if source == "synthetic":
+        _synthetic_answers(args, loaded)
+    return 0
+
+
+def _synthetic_answers(args: argparse.Namespace, loaded) -> None:
+    """Greedy answers to held-out synthetic tasks, each checked exactly."""
+    from tinylm.data.instructions import split_records, validation_size
+    from tinylm.data.sources import load_records
+    from tinylm.data.synthetic import check_answer
+    from tinylm.evaluate import answer_records
+
+    c = loaded.config
     n_val = validation_size(c.data.dataset_size, c.data.val_fraction)
-    records = load_records(source, synthetic_size=c.data.dataset_size + n_val, seed=c.train.seed)
+    records = load_records("synthetic", synthetic_size=c.data.dataset_size + n_val, seed=c.train.seed)
     val = split_records(
         records, dataset_size=c.data.dataset_size, val_fraction=c.data.val_fraction, seed=c.train.seed
     ).val
-    examples = encode_records(
-        loaded.tokenizer, val, max_seq_length=c.model.max_seq_length, train_on_prompt=c.data.train_on_prompt
+    answers = answer_records(
+        loaded.model,
+        loaded.tokenizer,
+        val[: args.limit],
+        is_correct=lambda r, a: check_answer({"response": r.response}, a),
     )
-    loss = validation_loss(loaded.model, examples, batch_size=16, pad_id=loaded.tokenizer.eos_id)
-    print(f"checkpoint {loaded.path} (step {loaded.info.get('step', 0)})")
-    print(
-        f"validation on {len(val):,} held-out records of {source}: loss {loss:.4f}, perplexity {perplexity(loss):.2f}"
-    )
-    if source == "synthetic":
-        answers = answer_records(
-            loaded.model,
-            loaded.tokenizer,
-            val[: args.limit],
-            is_correct=lambda r, a: check_answer({"response": r.response}, a),
-        )
-        for a in answers[: args.show]:
-            mark = "ok " if a.correct else "BAD"
-            context = f" [{a.record.context}]" if a.record.context else ""
-            print(
-                f"  {mark} {a.record.instruction}{context} -> {a.answer!r} (expected {a.record.response!r})"
-            )
-        right = sum(a.correct for a in answers)
-        print(f"exact-match accuracy: {right}/{len(answers)} = {right / len(answers):.1%} (greedy decoding)")
+    for a in answers[: args.show]:
+        mark = "ok " if a.correct else "BAD"
+        context = f" [{a.record.context}]" if a.record.context else ""
+        print(f"  {mark} {a.record.instruction}{context} -> {a.answer!r} (expected {a.record.response!r})")
+    right = sum(a.correct for a in answers)
+    print(f"exact-match accuracy: {right}/{len(answers)} = {right / len(answers):.1%} (greedy decoding)")
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from tinylm.plot import plot_runs
+
+    print(f"wrote {plot_runs(args.runs, args.out)}")
     return 0
 
 
@@ -275,14 +366,32 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from tinylm.checkpoint import CheckpointError
     from tinylm.config import ConfigError
     from tinylm.data.sources import DataError
+    from tinylm.plot import PlotError
     from tinylm.runtime import DeviceError
     from tinylm.tokenizer import TokenizerError
     from tinylm.train import TrainingError
 
-    return (CheckpointError, ConfigError, DataError, DeviceError, TokenizerError, TrainingError, _UsageError)
+    return (
+        CheckpointError,
+        ConfigError,
+        DataError,
+        DeviceError,
+        PlotError,
+        TokenizerError,
+        TrainingError,
+        _UsageError,
+    )
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "chat": cmd_chat}
+COMMANDS = {
+    "train": cmd_train,
+    "eval": cmd_eval,
+    "generate": cmd_generate,
+    "chat": cmd_chat,
+    "plot": cmd_plot,
+    "serve": cmd_serve,
+    "ui": cmd_ui,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -47,6 +47,10 @@ class DataConfig:
     gpt2_ranks_path: str | None = None
     # Instruction data: count only the response in the loss unless this is set.
     train_on_prompt: bool = False
+    # Plain text from the Hub (`--data hf:NAME`): which configuration, split and field to read.
+    hf_config: str | None = None
+    hf_split: str = "train"
+    text_field: str = "text"
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,11 @@ class TrainConfig:
     device: str = "auto"
     # Autocast on CUDA only; MPS autocast is not trusted for training here.
     mixed_precision: bool = True
+    # Stop after this many evaluations without a new best validation loss (0: never stop early).
+    early_stopping_patience: int = 0
+    # Optional trackers beside the console and metrics.jsonl (wandb is also on when WANDB_PROJECT is set).
+    wandb: bool = False
+    tensorboard: bool = False
 
 
 @dataclass(frozen=True)
@@ -110,6 +119,8 @@ class Config:
             (0.0 < d.val_fraction < 1.0, "data.val_fraction", "must be between 0 and 1"),
             (d.tokenizer in ("gpt2", "bpe", "byte"), "data.tokenizer", "must be gpt2, bpe or byte"),
             (d.bpe_vocab_size >= 260, "data.bpe_vocab_size", "must be at least 260"),
+            (bool(d.hf_split.strip()), "data.hf_split", "must name a split, e.g. train"),
+            (bool(d.text_field.strip()), "data.text_field", "must name the field that holds the text"),
             (t.epochs > 0, "train.epochs", "must be positive"),
             (t.batch_size > 0, "train.batch_size", "must be positive"),
             (t.gradient_accumulation_steps > 0, "train.gradient_accumulation_steps", "must be positive"),
@@ -127,6 +138,11 @@ class Config:
             (t.save_interval > 0, "train.save_interval", "must be positive"),
             (t.log_interval > 0, "train.log_interval", "must be positive"),
             (t.max_steps is None or t.max_steps > 0, "train.max_steps", "must be positive"),
+            (
+                t.early_stopping_patience >= 0,
+                "train.early_stopping_patience",
+                "must not be negative (0: off)",
+            ),
             (t.device in ("auto", "cpu", "cuda", "mps"), "train.device", "must be auto, cpu, cuda or mps"),
             (s.max_new_tokens > 0, "sampling.max_new_tokens", "must be positive"),
             (s.temperature >= 0, "sampling.temperature", "must not be negative"),

@@ -9,18 +9,18 @@ from dataclasses import dataclass, replace
 import torch
 
 from tinylm.config import SamplingConfig
-from tinylm.data.instructions import collate
 from tinylm.data.sources import Record
+from tinylm.data.tokens import TokenArrays
 from tinylm.generate import generate_batch
 from tinylm.model import TinyLM, lm_loss
-from tinylm.prompts import DEFAULT_STOP_STRINGS, EncodedExample, encode_prompt
+from tinylm.prompts import DEFAULT_STOP_STRINGS, encode_prompt
 from tinylm.tokenizer import Tokenizer
 
 
 @torch.no_grad()
 def validation_loss(
     model: TinyLM,
-    examples: Sequence[EncodedExample],
+    examples: TokenArrays,
     *,
     batch_size: int,
     pad_id: int,
@@ -35,7 +35,8 @@ def validation_loss(
         for index, first in enumerate(range(0, len(examples), batch_size)):
             if max_batches is not None and index >= max_batches:
                 break
-            inputs, targets = collate(examples[first : first + batch_size], pad_id)
+            chosen = range(first, min(first + batch_size, len(examples)))
+            inputs, targets = examples.batch(chosen, pad_id=pad_id)
             loss_sum, n = lm_loss(model, inputs.to(device), targets.to(device))
             total += float(loss_sum)
             count += n

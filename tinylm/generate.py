@@ -1,7 +1,8 @@
 """Generation in three layers: pick the next token, generate token ids with a KV cache, stream text.
 
-The terminal chat, the web page and the HTTP API all read the same `stream` (one prompt) or
-`generate_batch` (several prompts at once). Nothing here knows about HTTP, terminals or training.
+The terminal chat, the web page and the HTTP API all read the same `stream` (one prompt), `stream_batch`
+(several prompts in one batched pass, streamed row by row) or `generate_batch` (its whole answers).
+Nothing here knows about HTTP, terminals or training.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -100,12 +101,12 @@ def generate_ids(
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every row (B,), `sampling.max_new_tokens` times; the caller may stop sooner.
 
-    Prompts of different lengths are left-padded with an attention mask, positions count from each row's
-    first visible token, and a seed gives every row its own generator: so a row gets exactly the tokens it
-    would get alone. Each row sees a window of at most max_seq_length tokens (a longer prompt keeps its
-    end); when a row's window is full it jumps forward to its last three quarters and the cache is rebuilt,
-    while the other rows keep their windows. The uncached path, a reference for tests, moves its windows
-    identically.
+    Prompts of different lengths are left-padded with an attention mask and positions count from each
+    row's first visible token, so a greedy row gets exactly the tokens it would get alone (sampled rows
+    draw from one generator, which `seed` makes reproducible for the batch as a whole). Each row sees a
+    window of at most max_seq_length tokens (a longer prompt keeps its end); when a row's window is full it
+    jumps forward to its last three quarters and the cache is rebuilt, while the other rows keep their
+    windows. The uncached path, a reference for tests, moves its windows identically.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -121,9 +122,9 @@ def generate_ids(
     # first[row]: the column of the row's first visible token, i.e. where its window starts.
     first = [longest - len(p) + max(0, len(p) - capacity) for p in prompts]
     output_layer = _output_layer(model, batch)
-    generators = None
-    if seed is not None and sampling.temperature > 0:
-        generators = [torch.Generator(device=device).manual_seed(seed) for _ in prompts]
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
     cache: KVCache | None = None
     seen: torch.Tensor | None = None
     for end in range(longest, longest + steps):  # columns [0, end) hold the tokens so far
@@ -158,20 +159,7 @@ def generate_ids(
                 seen.scatter_(1, tokens[:, end - 1 : end], True)
         last = hidden[:, -1]  # (B, d_model): only the last position's logits are needed
         logits = output_layer(last)  # (B, V)
-        if generators is None:
-            token = next_token(logits, sampling, seen=seen)
-        else:
-            token = torch.cat(
-                [
-                    next_token(
-                        logits[r : r + 1],
-                        sampling,
-                        seen=None if seen is None else seen[r : r + 1],
-                        generator=g,
-                    )
-                    for r, g in enumerate(generators)
-                ]
-            )
+        token = next_token(logits, sampling, seen=seen, generator=generator)
         tokens[:, end] = token
         yield token
 
@@ -233,6 +221,65 @@ class Chunk:
         return self.completion_tokens / self.seconds if self.seconds > 0 else 0.0
 
 
+def stream_batch(
+    model: TinyLM,
+    tokenizer: Tokenizer,
+    prompts: Sequence[Sequence[int]],
+    sampling: SamplingConfig,
+    *,
+    stops: Sequence[Sequence[str]] | None = None,
+    max_new_tokens: Sequence[int] | None = None,
+    seed: int | None = None,
+) -> Iterator[list[Chunk | None]]:
+    """Stream several prompts from one batched pass: each step yields one chunk per row.
+
+    A row's chunk is None once that row has finished; its last chunk carries finish_reason and the counts.
+    Each row stops on its own end-of-text, its own stop strings (`stops[row]`) or its own token limit
+    (`max_new_tokens[row]`, default sampling.max_new_tokens), so requests with different options can
+    share the forward passes. Iteration ends when every row has finished.
+    """
+    started = time.perf_counter()
+    trackers = [_TextTracker(tokenizer, row_stop) for row_stop in (stops or [()] * len(prompts))]
+    limits = list(max_new_tokens or [sampling.max_new_tokens] * len(prompts))
+    if not len(trackers) == len(limits) == len(prompts):
+        raise ValueError("stops and max_new_tokens need one entry per prompt")
+    counts = [0] * len(prompts)
+    finished = [False] * len(prompts)
+    longest = replace(sampling, max_new_tokens=max(limits))
+    tokens = generate_ids(model, prompts, longest, pad_id=tokenizer.eos_id, seed=seed)
+    try:
+        for row_tokens in tokens:
+            chunks: list[Chunk | None] = []
+            for row, token in enumerate(row_tokens.tolist()):
+                if finished[row]:
+                    chunks.append(None)
+                    continue
+                tracker = trackers[row]
+                counts[row] += 1
+                text = tracker.push(token)
+                reason = tracker.finish_reason
+                if reason is None and counts[row] >= limits[row]:
+                    text, reason = text + tracker.flush(), "length"
+                if reason is None:
+                    chunks.append(Chunk(text))
+                    continue
+                finished[row] = True
+                chunks.append(
+                    Chunk(
+                        text,
+                        finish_reason=reason,
+                        prompt_tokens=len(prompts[row]),
+                        completion_tokens=counts[row],
+                        seconds=time.perf_counter() - started,
+                    )
+                )
+            yield chunks
+            if all(finished):
+                return
+    finally:
+        tokens.close()
+
+
 def stream(
     model: TinyLM,
     tokenizer: Tokenizer,
@@ -246,29 +293,9 @@ def stream(
 
     finish_reason is "stop" (end-of-text or a stop string) or "length" (max_new_tokens reached).
     """
-    started = time.perf_counter()
-    tracker = _TextTracker(tokenizer, stop)
-    produced = 0
-    tokens = generate_ids(model, [prompt_ids], sampling, pad_id=tokenizer.eos_id, seed=seed)
-    try:
-        for token in tokens:
-            produced += 1
-            text = tracker.push(int(token[0]))
-            if tracker.finish_reason:
-                break
-            if text:
-                yield Chunk(text)
-        else:  # max_new_tokens reached: what was held back is plain text after all
-            text = tracker.flush()
-    finally:
-        tokens.close()
-    yield Chunk(
-        text,
-        finish_reason=tracker.finish_reason or "length",
-        prompt_tokens=len(prompt_ids),
-        completion_tokens=produced,
-        seconds=time.perf_counter() - started,
-    )
+    for (chunk,) in stream_batch(model, tokenizer, [prompt_ids], sampling, stops=[stop], seed=seed):
+        if chunk is not None and (chunk.text or chunk.finish_reason):
+            yield chunk
 
 
 @dataclass
@@ -309,23 +336,14 @@ def generate_batch(
     seed: int | None = None,
 ) -> list[Completion]:
     """Answer several prompts in one batched pass; each row stops on its own end-of-text, stop or length."""
-    trackers = [_TextTracker(tokenizer, stop) for _ in prompts]
-    counts = [0] * len(prompts)
-    tokens = generate_ids(model, prompts, sampling, pad_id=tokenizer.eos_id, seed=seed)
-    try:
-        for row_tokens in tokens:
-            for row, token in enumerate(row_tokens.tolist()):
-                if trackers[row].finish_reason is None:
-                    trackers[row].push(token)
-                    counts[row] += 1
-            if all(t.finish_reason for t in trackers):
-                break
-    finally:
-        tokens.close()
-    for tracker in trackers:
-        if tracker.finish_reason is None:
-            tracker.flush()
+    texts: list[list[str]] = [[] for _ in prompts]
+    last: list[Chunk] = [Chunk("") for _ in prompts]
+    for chunks in stream_batch(model, tokenizer, prompts, sampling, stops=[stop] * len(prompts), seed=seed):
+        for row, chunk in enumerate(chunks):
+            if chunk is not None:
+                texts[row].append(chunk.text)
+                last[row] = chunk
     return [
-        Completion(t.text, t.finish_reason or "length", len(p), n)
-        for t, p, n in zip(trackers, prompts, counts, strict=True)
+        Completion("".join(text), end.finish_reason or "length", end.prompt_tokens, end.completion_tokens)
+        for text, end in zip(texts, last, strict=True)
     ]

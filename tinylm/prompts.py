@@ -26,6 +26,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+# Bump when the template or the truncation rule changes what tokens a record becomes: the tokenized-data
+# cache is keyed by it.
+TEMPLATE_VERSION = 1
 INSTRUCTION_HEADER = "### Instruction:\n"
 CONTEXT_HEADER = "\n\n### Context:\n"
 RESPONSE_HEADER = "\n\n### Response:\n"
@@ -99,13 +102,13 @@ def encode_example(
     return EncodedExample(tokens=tokens, loss_mask=loss_mask[: len(tokens)])
 
 
-def prompt_budget(window: int, max_new_tokens: int) -> int:
-    """Prompt tokens that fit in a `window`-token context while leaving room for the answer.
+def chat_prompt_budget(window: int, max_new_tokens: int) -> int:
+    """Tokens a prompt may take so that the answer has room: max_new_tokens, at most half the window.
 
-    The room is max_new_tokens, but at most half the window: training kept at least half the window for
-    the prompt, and beyond that the window slides during the answer anyway.
+    Every front end sizes its prompts with this, a conversation's (terminal, web page) or a one-shot
+    question's (`tinylm generate`): training, too, kept at least half the window for the prompt.
     """
-    return window - min(max_new_tokens, window // 2)
+    return window - max(1, min(max_new_tokens, window // 2))
 
 
 def fit_prompt(

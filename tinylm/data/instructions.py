@@ -84,12 +84,3 @@ def epoch_order(n_examples: int, *, seed: int, epoch: int) -> list[int]:
     order = list(range(n_examples))
     random.Random(seed * 100_003 + epoch).shuffle(order)
     return order
-
-
-def micro_batches(
-    examples: Sequence[EncodedExample], *, batch_size: int, seed: int, epoch: int, pad_id: int, start: int = 0
-):
-    """Yield (inputs, targets) micro-batches of one epoch, from micro-batch number `start` on."""
-    order = epoch_order(len(examples), seed=seed, epoch=epoch)
-    for first in range(start * batch_size, len(order), batch_size):
-        yield collate([examples[i] for i in order[first : first + batch_size]], pad_id)

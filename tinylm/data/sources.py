@@ -7,7 +7,10 @@ line or record, so a user can fix their data without reading a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import functools
+import hashlib
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -18,9 +21,10 @@ from tinylm.data.synthetic import synthetic_records
 
 DOLLY = "databricks/databricks-dolly-15k"
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+HUB_PROBE_SECONDS = 8
 HUB_HELP = (
-    "use a local file (--data path/to/dolly.jsonl, with instruction/context/response fields) "
-    "or the offline demo data (--data synthetic)"
+    "use a local file (--data path/to/dolly.jsonl, with instruction/context/response fields, or a .txt "
+    "file of plain text) or the offline demo data (--data synthetic)"
 )
 
 
@@ -115,20 +119,85 @@ def read_local(path: Path) -> list[Record]:
         raise DataError(f"cannot read data file {path}: {exc.strerror or exc}") from None
 
 
-def read_hub(name: str) -> list[Record]:
-    """Download (or reuse the cached copy of) a Hub data set's train split."""
+def _hub_reachable(name: str) -> bool:
+    """A quick look at the Hub (a few seconds at most), so an offline machine fails fast.
+
+    Without it, `datasets` retries for about 25 s before giving up. Any answer from the server, even
+    "not found", counts as reachable: `load_dataset` then reports it properly.
+    """
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        HfApi().dataset_info(name, timeout=HUB_PROBE_SECONDS)
+    except HfHubHTTPError:
+        return True
+    except Exception:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _hub_offline():
+    """Offline mode for this call only, so `datasets` uses its cache instead of retrying the network."""
+    import datasets
+    from huggingface_hub import constants
+
+    saved = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
+
+
+@functools.cache
+def hub_dataset(name: str, config: str | None = None, split: str = "train") -> Any:
+    """Download (or reuse the cached copy of) one split of a Hub data set, once per process."""
     import datasets
     from datasets.utils.logging import disable_progress_bar
 
     disable_progress_bar()
+    offline = datasets.config.HF_HUB_OFFLINE or not _hub_reachable(name)
     try:
-        table = datasets.load_dataset(name, split="train")
+        with _hub_offline() if offline else contextlib.nullcontext():
+            return datasets.load_dataset(name, config, split=split)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(
-            f"could not load {name!r} from the Hugging Face Hub ({first[:200]}); {HUB_HELP}"
-        ) from None
-    return [_to_record(raw, f"{name}: row {i}") for i, raw in enumerate(table, start=1)]
+        where = "the Hub cannot be reached and no copy is cached here" if offline else first[:200]
+        raise DataError(f"could not load {name!r} from the Hugging Face Hub ({where}); {HUB_HELP}") from None
+
+
+def read_hub(name: str) -> list[Record]:
+    return [_to_record(raw, f"{name}: row {i}") for i, raw in enumerate(hub_dataset(name), start=1)]
+
+
+def file_stamp(path: Path) -> list[Any]:
+    """Path, size and modification time: enough to notice an edited file without reading it."""
+    stat = path.stat()
+    return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
+
+
+def _is_local(source: str) -> bool:
+    return Path(source).suffix in LOCAL_SUFFIXES or Path(source).exists()
+
+
+def _check_local_file(path: Path) -> None:
+    if not path.is_file():
+        problem = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise DataError(f"data file {path} {problem}")
+
+
+def records_fingerprint(source: str, *, synthetic_size: int, seed: int) -> dict[str, Any]:
+    """What identifies the records of a source, for the tokenized-data cache's key."""
+    if source == "synthetic":
+        # Hashing the generated records (a tenth of a second for Dolly's size) notices a changed generator.
+        records = json.dumps(synthetic_records(synthetic_size, seed=seed)).encode()
+        return {"synthetic": synthetic_size, "seed": seed, "sha256": hashlib.sha256(records).hexdigest()}
+    if _is_local(source):
+        _check_local_file(Path(source))
+        return {"file": file_stamp(Path(source))}
+    return {"hub": source, "fingerprint": getattr(hub_dataset(source), "_fingerprint", None)}
 
 
 def load_records(source: str, *, synthetic_size: int, seed: int) -> list[Record]:
@@ -138,11 +207,9 @@ def load_records(source: str, *, synthetic_size: int, seed: int) -> list[Record]
             _to_record(r, f"synthetic record {i}")
             for i, r in enumerate(synthetic_records(synthetic_size, seed=seed))
         ]
-    elif Path(source).suffix in LOCAL_SUFFIXES or Path(source).exists():
-        path = Path(source)
-        if not path.is_file():
-            raise DataError(f"data file {path} does not exist")
-        records = read_local(path)
+    elif _is_local(source):
+        _check_local_file(Path(source))
+        records = read_local(Path(source))
     else:
         records = read_hub(source)
     usable = [r for r in records if r.instruction.strip() and r.response.strip()]
