@@ -103,8 +103,8 @@ class ChatSession:
             for chunk in stream(
                 self.loaded.model, tokenizer, prompt, self.sampling, stop=self.stop, seed=self.seed
             ):
-                pieces.append(chunk.text)
                 write(chunk.text)
+                pieces.append(chunk.text)  # after writing: history keeps what was shown
                 if chunk.finish_reason:
                     reply = Reply("", chunk.finish_reason, chunk.completion_tokens, chunk.tokens_per_sec)
         except KeyboardInterrupt:
