@@ -12,7 +12,7 @@ import torch
 
 from tinylm.cli import main
 from tinylm.config import ModelConfig, SamplingConfig
-from tinylm.generate import _TextTracker, generate_ids, stream, stream_batch
+from tinylm.generate import _TextTracker, generate_ids, next_token, stream, stream_batch
 from tinylm.model import TinyLM
 from tinylm.prompts import (
     DEFAULT_STOP_STRINGS,
@@ -119,6 +119,25 @@ def test_generation_follows_weights_changed_in_place():
     with torch.no_grad():
         assert int(model(torch.tensor([prompt]))[0, -1].argmax()) == 7
     assert generated(model, [prompt])[0][0] == 7
+
+
+@pytest.mark.parametrize(
+    ("options", "allowed"),
+    [
+        ({}, {0, 1, 2, 3, 4}),
+        ({"top_k": 3}, {1, 3, 4}),
+        ({"top_p": 0.75}, {1, 3, 4}),  # 0.4 + 0.3 fall short of 0.75, so 0.15 joins them
+        ({"top_p": 0.6}, {1, 3}),
+        ({"top_k": 4, "top_p": 0.6}, {1, 3}),  # top-p over the top 4, renormalised: 0.42 + 0.32 > 0.6
+        ({"min_p": 0.3}, {1, 3, 4}),  # at least 0.3 x 0.4
+        ({"top_k": 3, "min_p": 0.5}, {1, 3}),
+    ],
+)
+def test_sampling_filters_allow_exactly_the_tokens_they_should(options, allowed):
+    logits = torch.tensor([[0.05, 0.4, 0.1, 0.3, 0.15]]).log()
+    sampling = replace(SamplingConfig(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0), **options)
+    generator = torch.Generator().manual_seed(0)
+    assert {int(next_token(logits, sampling, generator=generator)) for _ in range(400)} == allowed
 
 
 def test_stream_batch_rows_keep_their_own_limits_above_the_shared_setting():

@@ -40,18 +40,21 @@ def next_token(
     if sampling.temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits / sampling.temperature
-    if sampling.top_k > 0 and sampling.top_k < logits.size(-1):
-        kth = torch.topk(logits, sampling.top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+    # Candidates sorted from most to least likely: the top k only when top-k is on, so that top-p sorts k
+    # values rather than the whole vocabulary.
+    candidates = None
+    if 0 < sampling.top_k < logits.size(-1):
+        logits, candidates = torch.topk(logits, sampling.top_k, dim=-1)
+    elif sampling.top_p < 1.0:
+        logits, candidates = logits.sort(dim=-1, descending=True)
     probs = torch.softmax(logits, dim=-1)
     if sampling.top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
         # Drop a token when the tokens before it already cover top_p; the most likely token always stays.
-        drop_sorted = sorted_probs.cumsum(dim=-1) - sorted_probs >= sampling.top_p
-        probs = probs.masked_fill(drop_sorted.scatter(1, order, drop_sorted), 0.0)
+        probs = probs.masked_fill(probs.cumsum(dim=-1) - probs >= sampling.top_p, 0.0)
     if sampling.min_p > 0:
         probs = probs.masked_fill(probs < sampling.min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    choice = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
+    return (choice if candidates is None else candidates.gather(1, choice)).squeeze(-1)
 
 
 # Per model: (the head weight's identity and version, its transpose). A dropped model frees its copy.
