@@ -5,7 +5,9 @@ greedily generate 100 new tokens after a 16-token prompt, at batch 1 and batch 8
 Hugging Face gets a GPT2LMHeadModel of the same size (width, depth, heads, feed-forward width, 50,257-token
 vocabulary, 128 positions) and `min_new_tokens` so it never stops early. Rounds alternate between the two
 libraries so that load from other processes hits both alike; the table shows medians of new tokens per
-second (prefill included) and the ratio tinylm / Hugging Face.
+second (prefill included) and the ratio tinylm / Hugging Face, also by CPU time: on a machine shared with
+other work, a process's CPU seconds vary less than its wall-clock seconds (with one thread, --threads 1,
+they measure the same work).
 
     python benchmarks/generate.py                  # the full table (a few minutes on 2 CPU cores)
     python benchmarks/generate.py --rounds 3 --presets v1 --batches 1 --threads 1
@@ -71,10 +73,11 @@ def hf_runner(config: ModelConfig, prompts: torch.Tensor) -> Callable[[], int]:
     return run
 
 
-def tokens_per_sec(run: Callable[[], int]) -> float:
-    started = time.perf_counter()
+def tokens_per_sec(run: Callable[[], int]) -> tuple[float, float]:
+    """New tokens per wall-clock second and per CPU second of this process."""
+    wall, cpu = time.perf_counter(), time.process_time()
     produced = run()
-    return produced / (time.perf_counter() - started)
+    return produced / (time.perf_counter() - wall), produced / (time.process_time() - cpu)
 
 
 def machine() -> str:
@@ -105,22 +108,30 @@ def main() -> None:
         f"greedy, {NEW_TOKENS} new tokens after a {PROMPT_TOKENS}-token prompt; median of {args.rounds} rounds"
     )
     print()
-    print("| model | batch | tinylm tokens/s | HF generate tokens/s | tinylm / HF |")
-    print("| --- | --- | --- | --- | --- |")
+    print(
+        "| model | batch | tinylm tokens/s | HF generate tokens/s | tinylm / HF | tinylm / HF by CPU time |"
+    )
+    print("| --- | --- | --- | --- | --- | --- |")
     for name in args.presets:
         config = preset(name).model
         for batch in args.batches:
             torch.manual_seed(0)
             prompts = torch.randint(0, config.vocab_size, (batch, PROMPT_TOKENS))
             runners = {"tinylm": tinylm_runner(config, prompts), "hf": hf_runner(config, prompts)}
-            speeds: dict[str, list[float]] = {key: [] for key in runners}
+            speeds: dict[str, list[tuple[float, float]]] = {key: [] for key in runners}
             for run in runners.values():
                 run()  # warm-up: first-call allocations and kernel selection
             for _ in range(args.rounds):
                 for key, run in runners.items():
                     speeds[key].append(tokens_per_sec(run))
-            ours, theirs = (statistics.median(speeds[key]) for key in ("tinylm", "hf"))
-            print(f"| {name} | {batch} | {ours:,.0f} | {theirs:,.0f} | {ours / theirs:.2f}x |", flush=True)
+            ours, theirs = (
+                [statistics.median(column) for column in zip(*speeds[key], strict=True)] for key in runners
+            )
+            print(
+                f"| {name} | {batch} | {ours[0]:,.0f} | {theirs[0]:,.0f} | {ours[0] / theirs[0]:.2f}x "
+                f"| {ours[1] / theirs[1]:.2f}x |",
+                flush=True,
+            )
     print()
     print(f"load after: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
