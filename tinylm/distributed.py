@@ -141,7 +141,7 @@ class World:
         return DistributedDataParallel(
             objective,
             device_ids=[self.device.index] if self.device.type == "cuda" else None,
-            broadcast_buffers=False,  # the only buffers are constant tables
+            forward_sync_buffers=False,  # the only buffers are constant tables
         )
 
     @staticmethod

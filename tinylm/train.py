@@ -397,7 +397,10 @@ class Trainer:
 
     def run(self) -> TrainResult:
         try:
-            return self._run()
+            result = self._run()
+            # torchrun ends the job when one process exits: the others wait for rank 0's last save.
+            self.world.barrier()
+            return result
         finally:
             self.world.close()
 
