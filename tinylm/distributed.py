@@ -8,6 +8,7 @@ is a no-op, so the single-process run computes exactly what it did before.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -98,8 +99,13 @@ class World:
             log.setLevel(logging.ERROR)
 
     def close(self) -> None:
+        """Leave the process group, and free the DDP wrapper (dropped by the caller) now. Left to the
+        garbage collector, a wrapper caught in a reference cycle is freed during interpreter exit, and
+        its gloo threads and autograd hooks, torn down then, can abort the finished process (SIGABRT:
+        "terminate called without an active exception", and no Python traceback)."""
         if dist.is_initialized():
             dist.destroy_process_group()
+            gc.collect()
 
     def shard(self, items: Sequence[T]) -> Sequence[T]:
         """This process's contiguous share of `items`: shares differ in length by at most one."""

@@ -291,6 +291,7 @@ class Trainer:
         self._rng_at_step_start: dict[str, Any] | None = None
         self._updating = False
         self._order: tuple[int, list[int]] = (-1, [])
+        self.objective: torch.nn.Module | None = None
 
     # -- building ---------------------------------------------------------------------------------
 
@@ -402,6 +403,7 @@ class Trainer:
             self.world.barrier()
             return result
         finally:
+            self.objective = None  # see World.close
             self.world.close()
 
     def _run(self) -> TrainResult:
