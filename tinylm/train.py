@@ -620,6 +620,8 @@ class Trainer:
 
     def save(self, name: str) -> Path | None:
         """Write checkpoint `name` in the run folder (rank 0 only: every process holds the same state)."""
+        if name == ckpt.LATEST:
+            self._saved_step = self.step
         if not self.world.is_main:
             return None
         path = ckpt.save_checkpoint(
@@ -631,8 +633,6 @@ class Trainer:
             info={"best_val_loss": self.watch.best_loss, "total_steps": self.total_steps},
             train_state=None if name == ckpt.BEST else self.state_dict(),
         )
-        if name == ckpt.LATEST:
-            self._saved_step = self.step
         return path
 
     # -- the run folder, stopping and failing -----------------------------------------------------
@@ -701,7 +701,7 @@ class Trainer:
         log.info("%s", model_summary(self.model))
         log.info(
             "plan: %s training %s (%s held out) at effective batch %d (%d x %d accumulation) is %d steps an "
-            "epoch, %d for %d epochs%s; device %s%s",
+            "epoch, %d for %d epochs%s; %s",
             f"{len(self.data.train):,}",
             unit,
             f"{len(self.data.val):,}",
@@ -714,11 +714,10 @@ class Trainer:
             f", capped at {self.total_steps} by max_steps"
             if self.total_steps < c.train.epochs * self.steps_per_epoch
             else "",
-            self.device,
-            f" in each of {self.world.size} processes, each taking 1/{self.world.size} of every step's "
-            "examples"
+            f"{self.world.size} processes on {self.device.type}, each taking 1/{self.world.size} of every "
+            "step's examples"
             if self.world.size > 1
-            else "",
+            else f"device {self.device}",
         )
         if self.step:
             log.info("resuming from step %d of %d (%s)", self.step, self.total_steps, self.out_dir)
