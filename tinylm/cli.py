@@ -150,10 +150,13 @@ def _train_config(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from tinylm.distributed import record_errors
+    from tinylm.distributed import World, exit_process, record_errors
 
     # Under torchrun, an error is also written where its summary shows which rank failed first, and why.
-    return record_errors(_train)(args)
+    code = record_errors(_train)(args)
+    if World.from_env().size > 1:
+        exit_process(code)  # without the interpreter's teardown, which can abort a finished process
+    return code
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -291,7 +291,6 @@ class Trainer:
         self._rng_at_step_start: dict[str, Any] | None = None
         self._updating = False
         self._order: tuple[int, list[int]] = (-1, [])
-        self.objective: torch.nn.Module | None = None
 
     # -- building ---------------------------------------------------------------------------------
 
@@ -399,11 +398,12 @@ class Trainer:
     def run(self) -> TrainResult:
         try:
             result = self._run()
-            # torchrun ends the job when one process exits: the others wait for rank 0's last save.
-            self.world.barrier()
+            # torchrun ends the job when one process exits: all wait for rank 0's last save. Not after a
+            # step cut short (a second Ctrl-C), as the others may still be inside it.
+            if self._rng_at_step_start is None:
+                self.world.barrier()
             return result
         finally:
-            self.objective = None  # see World.close
             self.world.close()
 
     def _run(self) -> TrainResult:
@@ -487,9 +487,11 @@ class Trainer:
         first = within * t.gradient_accumulation_steps * t.batch_size
         chosen = self._order[1][first : first + t.gradient_accumulation_steps * t.batch_size]
         mine = self.world.shard(chosen)
-        if not mine:  # an epoch's last step with fewer examples than processes: one that counts nothing,
+        if not mine:
+            # An epoch's last step may have fewer examples than there are processes. DDP needs a backward
+            # pass from each, so a process left without examples runs one whose targets all count for nothing.
             inputs, targets = self.data.train.batch(chosen[:1], pad_id=self.tokenizer.eos_id)
-            return [(inputs, torch.full_like(targets, IGNORE_INDEX))]  # as DDP needs a backward from all
+            return [(inputs, torch.full_like(targets, IGNORE_INDEX))]
         return [
             self.data.train.batch(mine[j : j + t.batch_size], pad_id=self.tokenizer.eos_id)
             for j in range(0, len(mine), t.batch_size)
