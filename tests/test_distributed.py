@@ -152,7 +152,7 @@ def test_a_failing_rank_ends_the_job_with_its_error_shown(tmp_path, tiny_set_arg
     env = {**offline_env, "FAULT": "raise", "FAULT_STEP": "3"}
     args = [*tiny_set_args, *RUN, *TWO_PROCESSES, "--out", str(tmp_path / "run")]
     failed = torchrun(args, env, tmp_path / "fail.log", script=[str(script)])
-    assert failed.returncode != 0
+    assert failed.returncode != 0, failed.output
     # Both ranks' output is shown, and torchrun's summary names the rank that failed first, and why.
     assert "[rank1]: RuntimeError: rank 1 fails on purpose" in failed.output, failed.output
     root_cause = failed.output.split("Root Cause")[-1]
