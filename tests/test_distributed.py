@@ -31,13 +31,20 @@ ONE_PROCESS = ["--set", "batch_size=4", "--set", "gradient_accumulation_steps=2"
 TWO_PROCESSES = ["--set", "batch_size=2", "--set", "gradient_accumulation_steps=4"]
 
 # Run under torchrun instead of `-m tinylm`: on rank 1, at step FAULT_STEP, a Ctrl-C (SIGINT to itself
-# alone) or an exception.
+# alone) or an exception; and rank 1 counts the gradient all-reduces DDP makes.
 FAULTY_RANK = """
 import os, signal, sys
-from tinylm import train
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from tinylm import distributed, train
 from tinylm.cli import main
 
-real_step = train.Trainer.train_step
+real_wrap, real_step, real_run = distributed.World.wrap, train.Trainer.train_step, train.Trainer.run
+all_reduces = []
+
+def wrap(self, model, loss):
+    ddp = real_wrap(self, model, loss)
+    ddp.register_comm_hook(None, lambda state, bucket: all_reduces.append(1) or allreduce_hook(state, bucket))
+    return ddp
 
 def train_step(self):
     if os.environ["RANK"] == "1" and self.step == int(os.environ["FAULT_STEP"]):
@@ -47,7 +54,13 @@ def train_step(self):
             raise RuntimeError("rank 1 fails on purpose")
     return real_step(self)
 
-train.Trainer.train_step = train_step
+def run(self):
+    result = real_run(self)
+    if os.environ["RANK"] == "1":
+        print(f"rank 1: {len(all_reduces)} gradient all-reduces in {result.step} steps", flush=True)
+    return result
+
+distributed.World.wrap, train.Trainer.train_step, train.Trainer.run = wrap, train_step, run
 sys.exit(main())
 """
 
@@ -141,6 +154,8 @@ def test_a_ctrl_c_on_one_rank_stops_both_after_the_same_step_and_resume_matches(
     stopped = torchrun(args, env, tmp_path / "stop.log", script=[str(script)])
     assert stopped.returncode != 0, stopped.output
     assert ckpt.read_checkpoint(tmp_path / "run" / ckpt.LATEST)[1]["step"] == 8, stopped.output
+    # Each rank runs 2 micro-batches a step; the gradients (one bucket) are all-reduced after the 2nd only.
+    assert "rank 1: 8 gradient all-reduces in 8 steps" in stopped.output, stopped.output
     done = torchrun(["--resume", str(tmp_path / "run")], offline_env, tmp_path / "resume.log")
     assert done.returncode == 0, done.output
     assert metrics(tmp_path / "run") == metrics(two)  # bit for bit: the same arithmetic on two processes
