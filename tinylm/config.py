@@ -47,6 +47,8 @@ class DataConfig:
     gpt2_ranks_path: str | None = None
     # Instruction data: count only the response in the loss unless this is set.
     train_on_prompt: bool = False
+    # Several examples per max_seq_length row (each attending only to itself) instead of padding each one.
+    packing: bool = True
 
 
 @dataclass(frozen=True)
@@ -66,8 +68,15 @@ class TrainConfig:
     max_steps: int | None = None
     seed: int = 42
     device: str = "auto"
-    # Autocast on CUDA only; MPS autocast is not trusted for training here.
-    mixed_precision: bool = True
+    # auto: bfloat16 autocast where it is fast (CUDA, CPUs with AVX512-BF16 or AMX), else float32; fp32; bf16.
+    precision: str = "auto"
+    # Rows per forward/backward pass; None (or "auto") fits the whole step in memory when it can. The
+    # effective batch, batch_size x gradient_accumulation_steps examples per step, is what learning sees.
+    micro_batch_size: int | None = None
+    # Output-layer rows per chunk of the loss (0: all at once, materialising their logits).
+    loss_chunk_size: int = 256
+    # torch.compile the transformer blocks (slow first steps; see docs/benchmarks.md for when it pays).
+    compile: bool = False
 
 
 @dataclass(frozen=True)
@@ -128,6 +137,13 @@ class Config:
             (t.log_interval > 0, "train.log_interval", "must be positive"),
             (t.max_steps is None or t.max_steps > 0, "train.max_steps", "must be positive"),
             (t.device in ("auto", "cpu", "cuda", "mps"), "train.device", "must be auto, cpu, cuda or mps"),
+            (t.precision in ("auto", "fp32", "bf16"), "train.precision", "must be auto, fp32 or bf16"),
+            (
+                t.micro_batch_size is None or t.micro_batch_size > 0,
+                "train.micro_batch_size",
+                "must be positive (or auto)",
+            ),
+            (t.loss_chunk_size >= 0, "train.loss_chunk_size", "must not be negative (0 turns chunking off)"),
             (s.max_new_tokens > 0, "sampling.max_new_tokens", "must be positive"),
             (s.temperature >= 0, "sampling.temperature", "must not be negative"),
             (s.top_k >= 0, "sampling.top_k", "must not be negative (0 turns it off)"),
@@ -235,7 +251,7 @@ def _coerce(section: str, name: str, value: Any, origin: str) -> Any:
     base = next((a for a in getattr(hint, "__args__", (hint,)) if a is not type(None)), hint)
     if isinstance(value, str):
         text = value.strip()
-        if optional and text.lower() in ("none", "null", ""):
+        if optional and text.lower() in ("none", "null", "", "auto"):
             return None
         try:
             if base is bool:

@@ -21,11 +21,12 @@ import torch
 
 from tinylm import checkpoint as ckpt
 from tinylm.config import Config, TrainConfig, format_config
-from tinylm.data.instructions import collate, encode_records, epoch_order, split_records, validation_size
+from tinylm.data.instructions import encode_records, epoch_order, split_records, validation_size
+from tinylm.data.packing import Batch, step_micro_batches
 from tinylm.data.sources import Record, load_records
 from tinylm.evaluate import perplexity, validation_loss
 from tinylm.generate import complete
-from tinylm.model import IGNORE_INDEX, TinyLM, lm_loss, model_summary
+from tinylm.model import TinyLM, activation_bytes_per_row, lm_loss, model_summary
 from tinylm.prompts import (
     CONTEXT_HEADER,
     DEFAULT_STOP_STRINGS,
@@ -33,7 +34,7 @@ from tinylm.prompts import (
     RESPONSE_HEADER,
     encode_prompt,
 )
-from tinylm.runtime import autocast, pick_device, seed_everything
+from tinylm.runtime import autocast, fit_micro_batch, pick_device, seed_everything, training_dtype
 from tinylm.tokenizer import Tokenizer, build_tokenizer
 from tinylm.tracking import ConsoleTracker, JsonlTracker, Trackers
 
@@ -70,7 +71,9 @@ def build_optimizer(model: TinyLM, train: TrainConfig) -> torch.optim.AdamW:
         {"params": decay, "weight_decay": train.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=train.learning_rate, betas=(0.9, 0.95))
+    # The fused kernel is one pass over each tensor: ~10x faster than the default loop on a CPU.
+    fused = next(model.parameters()).device.type in ("cpu", "cuda")
+    return torch.optim.AdamW(groups, lr=train.learning_rate, betas=(0.9, 0.95), fused=fused or None)
 
 
 def rng_state() -> dict[str, Any]:
@@ -142,6 +145,7 @@ class Trainer:
         self.device = pick_device(config.train.device)
         self.step = 0
         self.best_val_loss: float | None = None
+        self._tokens = 0
 
     # -- building ---------------------------------------------------------------------------------
 
@@ -161,6 +165,15 @@ class Trainer:
         self.sample_records = splits.val[:SAMPLE_PROMPTS]
         self.model = TinyLM(c.model).to(self.device)
         self.optimizer = build_optimizer(self.model, c.train)
+        self.dtype = training_dtype(self.device, c.train.precision)
+        self.micro_rows = c.train.micro_batch_size or fit_micro_batch(
+            c.train.batch_size * c.train.gradient_accumulation_steps,
+            activation_bytes_per_row(c.model, checkpointing=c.model.gradient_checkpointing),
+            self.device,
+        )
+        if c.train.compile:
+            for block in self.model.blocks:
+                block.compile(dynamic=True)
         micro_per_epoch = math.ceil(len(self.train_examples) / c.train.batch_size)
         self.steps_per_epoch = math.ceil(micro_per_epoch / c.train.gradient_accumulation_steps)
         self.total_steps = c.train.epochs * self.steps_per_epoch
@@ -229,34 +242,45 @@ class Trainer:
             self.trackers.close()
         return TrainResult(self.out_dir, self.step, self.best_val_loss, interrupted)
 
-    def step_batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def step_batches(self, step: int) -> list[Batch]:
         """The micro-batches of one optimizer step: a pure function of (seed, step)."""
         t = self.config.train
         epoch, within = divmod(step, self.steps_per_epoch)
         order = epoch_order(len(self.train_examples), seed=t.seed, epoch=epoch)
         first = within * t.gradient_accumulation_steps * t.batch_size
         chosen = order[first : first + t.gradient_accumulation_steps * t.batch_size]
-        return [
-            collate([self.train_examples[i] for i in chosen[j : j + t.batch_size]], self.tokenizer.eos_id)
-            for j in range(0, len(chosen), t.batch_size)
-        ]
+        return step_micro_batches(
+            [self.train_examples[i] for i in chosen],
+            pad_id=self.tokenizer.eos_id,
+            packing=self.config.data.packing,
+            row_capacity=self.config.model.max_seq_length,
+            micro_rows=self.micro_rows,
+        )
 
     def train_step(self) -> float:
         """One optimizer step over its accumulated micro-batches; returns the mean per-token loss."""
         t = self.config.train
         batches = self.step_batches(self.step)
-        n_targets = sum(int((targets != IGNORE_INDEX).sum()) for _, targets in batches)
+        n_targets = sum(batch.n_targets for batch in batches)
         lr = learning_rate(self.step, t, self.total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         total = 0.0
-        for inputs, targets in batches:
-            with autocast(self.device, t.mixed_precision):
-                loss_sum, _ = lm_loss(self.model, inputs.to(self.device), targets.to(self.device))
+        for batch in batches:
+            b = batch.to(self.device)
+            with autocast(self.device, self.dtype):
+                loss_sum, _ = lm_loss(
+                    self.model,
+                    b.inputs,
+                    b.targets,
+                    positions=b.positions,
+                    segments=b.segments,
+                    chunk_size=t.loss_chunk_size,
+                )
             # Normalise by the whole step's target count, so every target token weighs the same.
             (loss_sum / max(n_targets, 1)).backward()
             total += loss_sum.item()
-            self._tokens += inputs.numel()
+            self._tokens += b.n_tokens
         if t.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
         self.optimizer.step()
@@ -362,13 +386,11 @@ class Trainer:
         log.info("config:\n%s", format_config(c))
         log.info("%s", model_summary(self.model))
         log.info(
-            "plan: %s training samples (%s held out) at effective batch %d (%d x %d accumulation) is %d steps an "
-            "epoch, %d for %d epochs%s; device %s",
+            "plan: %s training samples (%s held out) at effective batch %d is %d steps an epoch, %d for %d "
+            "epochs%s; device %s, %s, micro-batches of up to %d %s",
             f"{len(self.train_examples):,}",
             f"{len(self.val_examples):,}",
             effective,
-            c.train.batch_size,
-            c.train.gradient_accumulation_steps,
             self.steps_per_epoch,
             c.train.epochs * self.steps_per_epoch,
             c.train.epochs,
@@ -376,6 +398,9 @@ class Trainer:
             if self.total_steps < c.train.epochs * self.steps_per_epoch
             else "",
             self.device,
+            "bfloat16 autocast" if self.dtype == torch.bfloat16 else "float32",
+            self.micro_rows,
+            "packed rows" if c.data.packing else "examples",
         )
         if self.step:
             log.info("resuming from step %d of %d", self.step, self.total_steps)
