@@ -171,6 +171,8 @@ def tinylm_config(spec: dict[str, Any]):
 @dataclass
 class Measured:
     seconds: list[float] = field(default_factory=list)
+    # Process CPU time of the measured steps: with one thread, a figure a busy machine barely moves.
+    cpu_seconds: float = 0.0
     tokens: int = 0
     useful: int = 0
     flops: float = 0.0
@@ -208,14 +210,15 @@ def run_tinylm(spec: dict[str, Any]) -> Measured:
     start = time.perf_counter()
     for step in range(spec["warmup"] + spec["steps"]):
         batches = trainer.step_batches(step)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out.losses.append(trainer.train_step())
         trainer.step += 1
-        elapsed = time.perf_counter() - t0
+        elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
         if step < spec["warmup"]:
             out.first_steps = time.perf_counter() - start
             continue
         out.seconds.append(elapsed)
+        out.cpu_seconds += cpu
         out.tokens += sum(b.n_tokens for b in batches)
         out.useful += sum(b.n_targets for b in batches)
         out.flops += sum(
@@ -330,7 +333,7 @@ def run_peer(spec: dict[str, Any]) -> Measured:
     start = time.perf_counter()
     for step in range(steps):
         inputs, targets = x[step * micro : (step + 1) * micro], y[step * micro : (step + 1) * micro]
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         with torch.autocast("cpu", dtype=torch.bfloat16) if spec["bf16"] else contextlib.nullcontext():
             loss = loss_of(inputs, targets)
         loss.backward()
@@ -338,11 +341,12 @@ def run_peer(spec: dict[str, Any]) -> Measured:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         out.losses.append(loss.item())
-        elapsed = time.perf_counter() - t0
+        elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
         if step < spec["warmup"]:
             out.first_steps = time.perf_counter() - start
             continue
         out.seconds.append(elapsed)
+        out.cpu_seconds += cpu
         out.tokens += inputs.numel()
         out.useful += int((targets != ignore).sum())
         out.flops += matmul_flops(
@@ -372,6 +376,7 @@ def worker(spec: dict[str, Any]) -> None:
     out = run_tinylm(spec) if spec["kind"] == "tinylm" else run_peer(spec)
     result = {
         "seconds": sum(out.seconds),
+        "cpu_seconds": out.cpu_seconds,
         "tokens": out.tokens,
         "useful": out.useful,
         "flops": out.flops,

@@ -52,6 +52,15 @@ def test_chunked_linear_cross_entropy_equals_the_full_one_with_its_gradients(bia
         torch.testing.assert_close(o, e, rtol=1e-4, atol=1e-5)  # float32 sums in another order
 
 
+def test_chunked_loss_stays_exact_when_the_target_probability_underflows():
+    hidden = torch.tensor([[1.0, 0.0], [0.0, 1.0]], requires_grad=True)
+    weight = torch.tensor([[200.0, 0.0], [0.0, 0.0], [-200.0, 5.0]], requires_grad=True)
+    targets = torch.tensor([2, 1])  # row 0's target is 400 nats below its best logit: exp underflows
+    full = F.cross_entropy(hidden @ weight.t(), targets, reduction="sum")
+    chunked = linear_cross_entropy(hidden, weight, None, targets, chunk_size=1)
+    assert chunked.item() == pytest.approx(full.item(), rel=1e-6) and chunked.item() > 400
+
+
 def test_chunked_loss_without_gradients_computes_none():
     model = tiny_model().eval()
     inputs, targets = torch.randint(0, VOCAB, (2, 10)), torch.randint(0, VOCAB, (2, 10))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import sys
 import random
 
 import numpy as np
@@ -88,6 +90,25 @@ def memory_budget(device: torch.device) -> int:
 def fit_micro_batch(rows: int, bytes_per_row: int, device: torch.device) -> int:
     """The most rows (at most all `rows` of a step) whose activations fit `memory_budget`, at least one."""
     return max(1, min(rows, memory_budget(device) // max(bytes_per_row, 1)))
+
+
+def keep_freed_memory() -> None:
+    """Ask glibc to keep freed memory for reuse instead of handing it back to the OS.
+
+    By default glibc serves every block over 32 MB with a fresh mmap and unmaps it on free, so each training
+    step page-faults its big buffers (logits chunks, the 50,257-row gradients) in again: measured at a
+    fifth of a CPU step. Training allocates the same sizes every step, so keeping them costs no memory
+    beyond the step's own peak. Elsewhere (macOS, musl) this does nothing.
+    """
+    if sys.platform != "linux":
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 1 << 30)
+    libc.mallopt(m_trim_threshold, 1 << 31)
 
 
 def seed_everything(seed: int) -> None:
