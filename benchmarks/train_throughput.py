@@ -30,7 +30,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,9 @@ class Row:
     kind: str = "tinylm"
     overrides: dict[str, Any] = field(default_factory=dict)
     adamw: str = "fused"
+    keep_freed_memory: bool = True
+    # OpenMP's own default (spin, then sleep) instead of tinylm's sleeping threads.
+    spin_wait: bool = False
     threads: int | None = None
     bf16: bool = False
     compile: bool = False
@@ -75,22 +79,29 @@ class Row:
 
 def tinylm_rows(*, with_compile: bool) -> list[Row]:
     """The seed's settings, each speed option alone on top of them, and tinylm's defaults."""
-    seed = dict(SEED_SETTINGS)
+
+    def seed_plus(name: str, **change: Any) -> Row:
+        fields = {"adamw": "loop", "keep_freed_memory": False, "curve": True}
+        fields.update((k, change.pop(k)) for k in list(change) if k in fields)
+        return Row(name, overrides={**SEED_SETTINGS, **change}, **fields)
+
     rows = [
-        Row("seed settings (before)", overrides=seed, adamw="loop", curve=True),
-        Row("+ bf16 autocast", overrides={**seed, "precision": "bf16"}, adamw="loop", curve=True),
-        Row("+ chunked loss", overrides={**seed, "loss_chunk_size": 256}, adamw="loop", curve=True),
-        Row("+ packing", overrides={**seed, "packing": True}, adamw="loop", curve=True),
-        Row("+ micro-batch auto", overrides={**seed, "micro_batch_size": None}, adamw="loop", curve=True),
-        Row("+ fused AdamW", overrides=seed, curve=True),
-        Row("- checkpointing", overrides={**seed, "gradient_checkpointing": False}, adamw="loop", curve=True),
+        seed_plus("seed settings (before)"),
+        seed_plus("+ bf16 autocast", precision="bf16"),
+        seed_plus("+ chunked loss", loss_chunk_size=512),
+        seed_plus("+ packing", packing=True),
+        seed_plus("+ micro-batch auto", micro_batch_size=None),
+        seed_plus("+ fused AdamW", adamw="fused"),
+        seed_plus("+ keep freed memory", keep_freed_memory=True),
+        seed_plus("- checkpointing", gradient_checkpointing=False),
     ]
     if with_compile:
-        rows.append(Row("+ torch.compile", overrides={**seed, "compile": True}, adamw="loop", curve=True))
+        rows.append(seed_plus("+ torch.compile", compile=True))
     rows += [
         Row("tinylm default", curve=True),
         Row("tinylm default, fp32", overrides={"precision": "fp32"}, curve=True),
         Row("tinylm default, 1 thread", threads=1),
+        Row("tinylm default, spinning OpenMP threads", spin_wait=True),
     ]
     if with_compile:
         rows.append(Row("tinylm default + compile", overrides={"compile": True}))
@@ -190,8 +201,11 @@ def matmul_flops(*, d: int, d_ff: int, layers: int, vocab: int, positions: int, 
 def run_tinylm(spec: dict[str, Any]) -> Measured:
     import torch
 
+    from tinylm import train
     from tinylm.train import Trainer
 
+    if not spec["keep_freed_memory"]:
+        train.keep_freed_memory = lambda: None  # glibc's default: big blocks go back to the OS on free
     config = tinylm_config(spec)
     trainer = Trainer(config, out_dir=Path(spec["scratch"]) / "run", overwrite=True)
     trainer.build()
@@ -409,12 +423,17 @@ def matmul_peaks(repeats: int = 3) -> dict[str, float]:
 
 
 def run_worker(spec: dict[str, Any]) -> dict[str, Any] | None:
+    # Every row, the peers' too, gets tinylm's sleeping OpenMP threads (as `tinylm train` sets them),
+    # except the row that measures OpenMP's default.
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_WAIT_POLICY": "PASSIVE"}
+    if spec["spin_wait"]:
+        del env["OMP_WAIT_POLICY"]
     proc = subprocess.run(
         [sys.executable, __file__, "--worker", json.dumps(spec)],
         capture_output=True,
         text=True,
         cwd=REPO,
-        env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+        env=env,
     )
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -470,6 +489,7 @@ def main() -> None:
     if args.worker:
         worker(json.loads(args.worker))
         return
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the rows run, before torch loads here
     for path in (SHAKESPEARE, GPT2_RANKS):
         if not path.is_file():
             sys.exit(f"error: {path} is missing (the shared data folder beside the repository)")
@@ -495,41 +515,44 @@ def main() -> None:
             "nanogpt": args.nanogpt,
             "dropout_seed": None,
         }
+        if args.curve_steps:
+            # Losses only, so two at a time and one thread each (the same for every row, so the sums
+            # inside each matmul run in the same order).
+            curve_rows = [r for r in rows if r.curve]
+            curve_rows.insert(1, replace(curve_rows[0], name="seed settings, other dropout draws"))
+            specs = [
+                {
+                    **base,
+                    **row.__dict__,
+                    "threads": 1,
+                    "preset": "v1",
+                    "warmup": 0,
+                    "steps": args.curve_steps,
+                    "dropout_seed": SEED + 1 if "dropout" in row.name else None,
+                }
+                for row in curve_rows
+            ]
+            print(
+                f"loss curves: {len(specs)} runs of {args.curve_steps} v1 steps (load {load()})",
+                file=sys.stderr,
+            )
+            with ThreadPoolExecutor(max_workers=2) as pool:
+                for spec, result in zip(specs, pool.map(run_worker, specs), strict=True):
+                    if result:
+                        raw["curves"][spec["name"]] = result["losses"]
         for round_index in range(args.rounds):
             raw["peaks"].append(matmul_peaks())
             order = [(v, r) for v in versions for r in rows]
             # Rotate the order each round, so no row always runs first or last.
             shift = round_index * len(order) // max(args.rounds, 1)
             for version, row in order[shift:] + order[:shift]:
-                spec = {
-                    **base,
-                    **row.__dict__,
-                    "preset": version,
-                    "warmup": args.warmup,
-                    "steps": args.steps,
-                }
+                spec = {**base, **row.__dict__, "preset": version, "warmup": args.warmup, "steps": args.steps}
                 print(f"round {round_index + 1}: {version} {row.name} (load {load()})", file=sys.stderr)
                 result = run_worker(spec)
                 if result:
-                    raw["runs"].append({"version": version, "row": row.name, "round": round_index, **result})
-        if args.curve_steps:
-            curve_rows = [r for r in rows if r.curve]
-            curve_rows.insert(
-                1, Row("seed settings, other dropout draws", overrides=SEED_SETTINGS, adamw="loop")
-            )
-            for row in curve_rows:
-                spec = {
-                    **base,
-                    **row.__dict__,
-                    "preset": "v1",
-                    "warmup": 0,
-                    "steps": args.curve_steps,
-                    "dropout_seed": SEED + 1 if "dropout" in row.name else None,
-                }
-                print(f"curve: v1 {row.name} (load {load()})", file=sys.stderr)
-                result = run_worker(spec)
-                if result:
-                    raw["curves"][row.name] = result["losses"]
+                    raw["runs"].append(
+                        {"version": version, "row": row.name, "round": round_index, "load": load(), **result}
+                    )
     raw["load_after"] = load()
     if args.json:
         Path(args.json).write_text(json.dumps(raw, indent=1) + "\n", encoding="utf-8")
@@ -537,6 +560,8 @@ def main() -> None:
 
 
 def report(raw: dict[str, Any], versions: list[str], rows: list[Row], args: argparse.Namespace) -> str:
+    if not raw["peaks"]:
+        return "(no throughput rounds)"
     peak = {k: max(p[k] for p in raw["peaks"]) for k in ("fp32", "bf16")}
     lines = [
         f"Machine: {raw['machine']}. Load average before {raw['load_before']}, after {raw['load_after']}.",
@@ -576,17 +601,15 @@ def report(raw: dict[str, Any], versions: list[str], rows: list[Row], args: argp
             )
     if raw["curves"]:
         reference = raw["curves"].get("seed settings (before)")
+        at = [s for s in CURVE_AT if s <= args.curve_steps] or [args.curve_steps]
         lines += [
             "",
             f"Loss curves, v1, {args.curve_steps} steps from the same seed (same init, same examples per "
             "step); each figure is the mean training loss of the 10 steps ending there.",
             "",
-            "| configuration | "
-            + " | ".join(f"step {s}" for s in CURVE_AT if s <= args.curve_steps)
-            + " | max diff |",
-            "| --- | " + " | ".join("---:" for s in CURVE_AT if s <= args.curve_steps) + " | ---: |",
+            "| configuration | " + " | ".join(f"step {s}" for s in at) + " | max diff vs seed settings |",
+            "| --- | " + " | ".join("---:" for _ in at) + " | ---: |",
         ]
-        at = [s for s in CURVE_AT if s <= args.curve_steps] or [args.curve_steps]
         for name, losses in raw["curves"].items():
             means = [statistics.fmean(losses[max(0, s - 10) : s]) for s in at]
             diff = ""

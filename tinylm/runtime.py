@@ -5,8 +5,8 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
-import sys
 import random
+import sys
 
 import numpy as np
 import torch

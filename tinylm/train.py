@@ -34,7 +34,14 @@ from tinylm.prompts import (
     RESPONSE_HEADER,
     encode_prompt,
 )
-from tinylm.runtime import autocast, fit_micro_batch, pick_device, seed_everything, training_dtype
+from tinylm.runtime import (
+    autocast,
+    fit_micro_batch,
+    keep_freed_memory,
+    pick_device,
+    seed_everything,
+    training_dtype,
+)
 from tinylm.tokenizer import Tokenizer, build_tokenizer
 from tinylm.tracking import ConsoleTracker, JsonlTracker, Trackers
 
@@ -166,6 +173,8 @@ class Trainer:
         self.model = TinyLM(c.model).to(self.device)
         self.optimizer = build_optimizer(self.model, c.train)
         self.dtype = training_dtype(self.device, c.train.precision)
+        if self.device.type == "cpu":
+            keep_freed_memory()
         self.micro_rows = c.train.micro_batch_size or fit_micro_batch(
             c.train.batch_size * c.train.gradient_accumulation_steps,
             activation_bytes_per_row(c.model, checkpointing=c.model.gradient_checkpointing),
