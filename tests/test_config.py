@@ -28,7 +28,7 @@ def test_v2_preset_has_the_documented_numbers():
     assert (c.train.batch_size, c.train.gradient_accumulation_steps) == (1, 16)
     assert c.model.max_seq_length == 128
     assert (c.train.eval_interval, c.train.save_interval, c.train.log_interval) == (500, 1000, 25)
-    assert c.model.gradient_checkpointing is True
+    assert c.model.gradient_checkpointing is False  # measured not to pay at this size (docs/benchmarks.md)
     assert (c.model.d_model, c.model.n_heads, c.model.n_layers, c.model.d_ff) == (192, 6, 4, 768)
 
 

@@ -17,11 +17,11 @@ def fail_at_step(monkeypatch, step: int, make_result):
     real = train_module.lm_loss
     seen = {"calls": 0}
 
-    def patched(model, inputs, targets):
+    def patched(model, inputs, targets, **options):
         seen["calls"] += 1
         if seen["calls"] >= step:
-            return make_result(real(model, inputs, targets))
-        return real(model, inputs, targets)
+            return make_result(real(model, inputs, targets, **options))
+        return real(model, inputs, targets, **options)
 
     monkeypatch.setattr(train_module, "lm_loss", patched)
 

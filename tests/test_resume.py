@@ -17,12 +17,19 @@ from tinylm.config import apply_overrides
 from tinylm.train import Trainer, TrainingError
 
 # Accumulation and dropout, so a resume must restore the data position and the random state exactly.
-RESUMABLE = {"gradient_accumulation_steps": 3, "batch_size": 4, "max_steps": 14, "eval_interval": 5}
+# Micro-batches of 4 unpacked examples, 3 a step, so a stop can fall between accumulation steps.
+RESUMABLE = {
+    "gradient_accumulation_steps": 3,
+    "batch_size": 4,
+    "micro_batch_size": 4,
+    "max_steps": 14,
+    "eval_interval": 5,
+}
 
 
 def resumable_config(make_config, **train):
     config = make_config(**{**RESUMABLE, **train})
-    return apply_overrides(config, {"dropout": 0.1})
+    return apply_overrides(config, {"dropout": 0.1, "packing": False})
 
 
 def metrics(run_dir):

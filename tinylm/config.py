@@ -30,7 +30,9 @@ class ModelConfig:
     dropout: float = 0.1
     # The seed has a separate output projection; tying it to the embedding saves 9.6M parameters in v2.
     tie_weights: bool = False
-    gradient_checkpointing: bool = True
+    # Recompute each block in the backward pass instead of keeping its activations: at these sizes it saves
+    # about 6% of peak memory for about 17% of the speed (docs/benchmarks.md), so it is off by default.
+    gradient_checkpointing: bool = False
 
     @property
     def d_k(self) -> int:
@@ -51,6 +53,8 @@ class DataConfig:
     hf_config: str | None = None
     hf_split: str = "train"
     text_field: str = "text"
+    # Several examples per max_seq_length row (each attending only to itself) instead of padding each one.
+    packing: bool = True
 
 
 @dataclass(frozen=True)
@@ -70,13 +74,20 @@ class TrainConfig:
     max_steps: int | None = None
     seed: int = 42
     device: str = "auto"
-    # Autocast on CUDA only; MPS autocast is not trusted for training here.
-    mixed_precision: bool = True
     # Stop after this many evaluations without a new best validation loss (0: never stop early).
     early_stopping_patience: int = 0
     # Optional trackers beside the console and metrics.jsonl (wandb is also on when WANDB_PROJECT is set).
     wandb: bool = False
     tensorboard: bool = False
+    # auto: bfloat16 autocast where it is fast (CUDA, CPUs with AVX512-BF16 or AMX), else float32; fp32; bf16.
+    precision: str = "auto"
+    # Rows per forward/backward pass; None (or "auto") fits the whole step in memory when it can. The
+    # effective batch, batch_size x gradient_accumulation_steps examples per step, is what learning sees.
+    micro_batch_size: int | None = None
+    # Output-layer rows per chunk of the loss (0: all at once, materialising their logits).
+    loss_chunk_size: int = 512
+    # torch.compile the transformer blocks (slow first steps; see docs/benchmarks.md for when it pays).
+    compile: bool = False
 
 
 @dataclass(frozen=True)
@@ -144,6 +155,13 @@ class Config:
                 "must not be negative (0: off)",
             ),
             (t.device in ("auto", "cpu", "cuda", "mps"), "train.device", "must be auto, cpu, cuda or mps"),
+            (t.precision in ("auto", "fp32", "bf16"), "train.precision", "must be auto, fp32 or bf16"),
+            (
+                t.micro_batch_size is None or t.micro_batch_size > 0,
+                "train.micro_batch_size",
+                "must be positive (or auto)",
+            ),
+            (t.loss_chunk_size >= 0, "train.loss_chunk_size", "must not be negative (0 turns chunking off)"),
             (s.max_new_tokens > 0, "sampling.max_new_tokens", "must be positive"),
             (s.temperature >= 0, "sampling.temperature", "must not be negative"),
             (s.top_k >= 0, "sampling.top_k", "must not be negative (0 turns it off)"),
@@ -251,7 +269,7 @@ def _coerce(section: str, name: str, value: Any, origin: str) -> Any:
     base = next((a for a in getattr(hint, "__args__", (hint,)) if a is not type(None)), hint)
     if isinstance(value, str):
         text = value.strip()
-        if optional and text.lower() in ("none", "null", ""):
+        if optional and text.lower() in ("none", "null", "", "auto"):
             return None
         try:
             if base is bool:

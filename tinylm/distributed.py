@@ -42,8 +42,8 @@ class Objective(nn.Module):
         self.model = model
         self.loss = loss
 
-    def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> Any:
-        return self.loss(self.model, inputs, targets)
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor, **options: Any) -> Any:
+        return self.loss(self.model, inputs, targets, **options)
 
 
 @dataclass

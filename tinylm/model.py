@@ -151,12 +151,14 @@ class TinyLM(nn.Module):
         cache: KVCache | None = None,
         attention_mask: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
+        segments: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final-norm hidden states (B, T, d_model) for token ids (B, T).
 
         attention_mask (B, S) marks real tokens (1) versus left padding (0) over all S = cached + T keys;
         positions (B, T) overrides the default cache.length + arange(T), so padded rows count from their
-        first real token.
+        first real token. segments (B, T) says which packed example each token belongs to: a token attends
+        only to earlier tokens of its own segment, so packed examples never see each other.
         """
         B, T = idx.shape
         start = cache.length if cache is not None else 0
@@ -166,7 +168,7 @@ class TinyLM(nn.Module):
             positions = torch.arange(start, start + T, device=idx.device).expand(B, T)
         x = self.embed(idx) * math.sqrt(self.config.d_model) + self.positions(positions)
         x = self.dropout(x)
-        mask = self._attention_mask(B, T, start, attention_mask, idx.device)
+        mask = self._attention_mask(B, T, start, attention_mask, segments, idx.device)
         for layer, block in enumerate(self.blocks):
             if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, mask, cache, layer, use_reentrant=False)
@@ -178,9 +180,19 @@ class TinyLM(nn.Module):
 
     @staticmethod
     def _attention_mask(
-        B: int, T: int, start: int, attention_mask: torch.Tensor | None, device: torch.device
+        B: int,
+        T: int,
+        start: int,
+        attention_mask: torch.Tensor | None,
+        segments: torch.Tensor | None,
+        device: torch.device,
     ) -> torch.Tensor | None:
         """None where SDPA's own causal flag (or no mask at all, for one new token) is exact."""
+        if segments is not None:
+            if start or attention_mask is not None:
+                raise ValueError("segments (packed rows) take no KV cache and no padding mask")
+            causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+            return (causal & (segments[:, :, None] == segments[:, None, :])).unsqueeze(1)  # (B, 1, T, T)
         if attention_mask is None and (start == 0 or T == 1):
             return None
         S = start + T
@@ -202,23 +214,125 @@ class TinyLM(nn.Module):
         cache: KVCache | None = None,
         attention_mask: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
+        segments: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return self.logits(
-            self.hidden_states(idx, cache=cache, attention_mask=attention_mask, positions=positions)
+            self.hidden_states(
+                idx, cache=cache, attention_mask=attention_mask, positions=positions, segments=segments
+            )
         )
 
 
-def lm_loss(model: TinyLM, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
+def lm_loss(
+    model: TinyLM,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    positions: torch.Tensor | None = None,
+    segments: torch.Tensor | None = None,
+    chunk_size: int = 0,
+) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy over targets that count (not IGNORE_INDEX), and how many there were.
 
     The 50,257-wide output layer is applied only at those positions: prompt tokens masked out of the loss
-    cost nothing there. Returning the sum lets the caller normalise over a whole accumulated batch.
+    cost nothing there. With chunk_size > 0 it runs `chunk_size` positions at a time and never holds all
+    their logits (see `linear_cross_entropy`). Returning the sum lets the caller normalise over a whole
+    accumulated batch.
     """
-    hidden = model.hidden_states(inputs)
+    hidden = model.hidden_states(inputs, positions=positions, segments=segments)
     keep = targets != IGNORE_INDEX
-    logits = model.logits(hidden[keep])
-    loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
-    return loss, int(keep.sum())
+    hidden, wanted = hidden[keep], targets[keep]
+    if chunk_size > 0:
+        loss = linear_cross_entropy(hidden, model.head.weight, model.head.bias, wanted, chunk_size=chunk_size)
+    else:
+        loss = F.cross_entropy(model.logits(hidden).float(), wanted, reduction="sum")
+    return loss, wanted.numel()
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    *,
+    chunk_size: int,
+) -> torch.Tensor:
+    """sum(cross_entropy(hidden @ weight.T + bias, targets)) for hidden (N, d), weight (V, d), targets (N,).
+
+    The output layer and the loss run `chunk_size` rows at a time, and each chunk's gradient is taken at once,
+    so no (N, V) logits tensor is ever held: with V = 50,257 that is the largest tensor of a step. Matrix work
+    follows the active autocast dtype (bfloat16 where the trainer enables it). The softmax is computed in
+    float32 and stored in that dtype; the loss is summed in float32 from those probabilities (under bfloat16,
+    each token's term is within 0.4% of its float32 value and the rounding averages out over a batch).
+    """
+    device_type = hidden.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+    with torch.autocast(device_type, enabled=False):
+        return _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_size, dtype)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Forward computes the loss and, when a gradient is wanted, the gradients too, chunk by chunk; backward
+    only scales them by the incoming gradient. One pass over the logits instead of forward + recompute."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, dtype):
+        h, w = hidden.to(dtype), weight.to(dtype)
+        b = None if bias is None else bias.to(dtype)
+        want_grad = any(ctx.needs_input_grad[:3])
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if want_grad else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_grad else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if want_grad and bias is not None else None
+        for start in range(0, h.size(0), chunk_size):
+            rows, wanted = slice(start, start + chunk_size), targets[start : start + chunk_size]
+            logits = h[rows] @ w.t() if b is None else torch.addmm(b, h[rows], w.t())  # (chunk, V)
+            # One pass: the softmax runs in float32 whatever the storage dtype, so a bfloat16 result is the
+            # float32 softmax rounded once, as the gradient would be anyway.
+            probs = torch.softmax(logits, dim=1)
+            log_picked = probs.gather(1, wanted[:, None]).squeeze(1).float().log()
+            # A probability below 1e-30 may have underflowed: take those rows' log-probability exactly.
+            tiny = log_picked < -69.0
+            if tiny.any():
+                exact = logits[tiny].float()
+                log_picked[tiny] = exact.gather(1, wanted[tiny, None]).squeeze(1) - exact.logsumexp(1)
+            loss -= log_picked.sum()
+            del logits
+            if not want_grad:
+                continue
+            # d(loss)/d(logits) = softmax - one_hot(target), in place.
+            probs[torch.arange(probs.size(0), device=probs.device), wanted] -= 1.0
+            if grad_bias is not None:
+                # A (1, chunk) x (chunk, V) product sums the rows ~5x faster than probs.sum(0) here.
+                grad_bias += (probs.new_ones(1, probs.size(0)) @ probs).squeeze(0)
+            grad_hidden[rows] = probs @ w
+            if dtype == torch.float32:
+                grad_weight.addmm_(probs.t(), h[rows])
+            else:
+                grad_weight += probs.t() @ h[rows]
+        ctx.grads = (grad_hidden, grad_weight, grad_bias)
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight, grad_bias = ctx.grads
+        del ctx.grads
+        scaled = [None if g is None else g * grad_loss for g in (grad_hidden, grad_weight, grad_bias)]
+        return scaled[0], scaled[1], scaled[2], None, None, None
+
+
+def activation_bytes_per_row(config: ModelConfig, *, checkpointing: bool) -> int:
+    """A generous estimate of the memory one max_seq_length row keeps for the backward pass, in float32.
+
+    Per layer and token: about 8 d_model-wide tensors (norms, q/k/v, attention output, residuals), 2
+    d_ff-wide (feed-forward up and its activation) and n_heads x T attention weights (the plain attention
+    path keeps them); doubled for autocast copies and the allocator's slack. Checkpointing keeps each
+    layer's input only, plus one layer recomputed at a time.
+    """
+    per_layer = 8 * config.d_model + 2 * config.d_ff + config.n_heads * config.max_seq_length
+    layers = 1 + config.n_layers * config.d_model / per_layer if checkpointing else config.n_layers
+    return int(2 * 4 * per_layer * layers * config.max_seq_length)
 
 
 def model_summary(model: TinyLM) -> str:
@@ -235,7 +349,8 @@ def model_summary(model: TinyLM) -> str:
         ("positions", f"sinusoidal({c.max_seq_length}, {c.d_model}), dropout {c.dropout}", "0"),
         (
             f"blocks x{c.n_layers}",
-            f"LayerNorm, attention {c.n_heads} heads x {c.d_k}, LayerNorm, ff {c.d_model}->{c.d_ff}->{c.d_model}",
+            f"LayerNorm, attention {c.n_heads} heads x {c.d_k}, "
+            f"LayerNorm, ff {c.d_model}->{c.d_ff}->{c.d_model}",
             f"{block:,} each",
         ),
         ("final norm", f"LayerNorm({c.d_model})", f"{count(model.ln_f):,}"),

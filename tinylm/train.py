@@ -30,13 +30,15 @@ import torch
 from tinylm import checkpoint as ckpt
 from tinylm.config import Config, TrainConfig, format_config
 from tinylm.data.instructions import epoch_order
+from tinylm.data.packing import Batch, step_micro_batches
 from tinylm.data.prepare import SAMPLE_TOKENS, prepare_data
 from tinylm.distributed import World
 from tinylm.evaluate import perplexity, validation_loss
 from tinylm.generate import complete
-from tinylm.model import IGNORE_INDEX, TinyLM, lm_loss, model_summary
+from tinylm.model import TinyLM, activation_bytes_per_row, lm_loss, model_summary
 from tinylm.plot import plot_runs
-from tinylm.runtime import autocast, seed_everything
+from tinylm.prompts import EncodedExample
+from tinylm.runtime import autocast, fit_micro_batch, keep_freed_memory, seed_everything, training_dtype
 from tinylm.tracking import METRICS_FILE, WANDB_ID_FILE, NoTrackers, build_trackers
 
 log = logging.getLogger("tinylm")
@@ -159,7 +161,9 @@ def build_optimizer(model: TinyLM, train: TrainConfig) -> torch.optim.AdamW:
         {"params": decay, "weight_decay": train.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=train.learning_rate, betas=(0.9, 0.95))
+    # The fused kernel is one pass over each tensor: ~10x faster than the default loop on a CPU.
+    fused = next(model.parameters()).device.type in ("cpu", "cuda")
+    return torch.optim.AdamW(groups, lr=train.learning_rate, betas=(0.9, 0.95), fused=fused or None)
 
 
 def _tensors(value: Any, *, back: bool = False) -> Any:
@@ -291,6 +295,8 @@ class Trainer:
         self._rng_at_step_start: dict[str, Any] | None = None
         self._updating = False
         self._order: tuple[int, list[int]] = (-1, [])
+        # Training time and tokens since the last log line, for tokens/s.
+        self._train_seconds, self._tokens = 0.0, 0
 
     # -- building ---------------------------------------------------------------------------------
 
@@ -312,6 +318,17 @@ class Trainer:
         # the bare model that is evaluated, sampled and saved (no 'module.' prefix in checkpoints).
         self.objective = self.world.wrap(self.model, lm_loss)
         self.optimizer = build_optimizer(self.model, c.train)
+        self.dtype = training_dtype(self.device, c.train.precision)
+        if self.device.type == "cpu":
+            keep_freed_memory()
+        self.micro_rows = c.train.micro_batch_size or fit_micro_batch(
+            c.train.batch_size * c.train.gradient_accumulation_steps,
+            activation_bytes_per_row(c.model, checkpointing=c.model.gradient_checkpointing),
+            self.device,
+        )
+        if c.train.compile:
+            for block in self.model.blocks:
+                block.compile(dynamic=True)
         micro_per_epoch = math.ceil(len(self.data.train) / c.train.batch_size)
         self.steps_per_epoch = math.ceil(micro_per_epoch / c.train.gradient_accumulation_steps)
         self.total_steps = c.train.epochs * self.steps_per_epoch
@@ -438,7 +455,6 @@ class Trainer:
             else:
                 self.save(ckpt.LATEST)  # from the start, the folder holds a checkpoint to resume from
             self.model.train()
-            self._train_seconds, self._tokens = 0.0, 0
             with self._stop_gracefully():
                 while self.step < self.total_steps and not self._stopping():
                     loss = self.train_step()
@@ -476,26 +492,29 @@ class Trainer:
             self.out_dir, self.step, self.watch.best_loss, self.stop_reason == "interrupted", self.stop_reason
         )
 
-    def step_batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def step_batches(self, step: int) -> list[Batch]:
         """This process's micro-batches of one optimizer step: a pure function of (seed, step, rank, world
         size). Under torchrun the step's batch_size x accumulation examples are split evenly over the
-        processes, and each cuts its share into micro-batches of at most batch_size."""
+        processes, and each packs its share into micro-batches of at most `micro_rows` rows."""
         t = self.config.train
         epoch, within = divmod(step, self.steps_per_epoch)
         if self._order[0] != epoch:
             self._order = (epoch, epoch_order(len(self.data.train), seed=t.seed, epoch=epoch))
         first = within * t.gradient_accumulation_steps * t.batch_size
         chosen = self._order[1][first : first + t.gradient_accumulation_steps * t.batch_size]
-        mine = self.world.shard(chosen)
+        mine = [self.data.train.example(int(i)) for i in self.world.shard(chosen)]
         if not mine:
             # An epoch's last step may have fewer examples than there are processes. DDP needs a backward
             # pass from each, so a process left without examples runs one whose targets all count for nothing.
-            inputs, targets = self.data.train.batch(chosen[:1], pad_id=self.tokenizer.eos_id)
-            return [(inputs, torch.full_like(targets, IGNORE_INDEX))]
-        return [
-            self.data.train.batch(mine[j : j + t.batch_size], pad_id=self.tokenizer.eos_id)
-            for j in range(0, len(mine), t.batch_size)
-        ]
+            spare = self.data.train.example(int(chosen[0]))
+            mine = [EncodedExample(tokens=spare.tokens, loss_mask=[False] * len(spare.tokens))]
+        return step_micro_batches(
+            mine,
+            pad_id=self.tokenizer.eos_id,
+            packing=self.config.data.packing,
+            row_capacity=self.config.model.max_seq_length,
+            micro_rows=self.micro_rows,
+        )
 
     def train_step(self) -> float:
         """One optimizer step over its accumulated micro-batches, which advances `step`; returns the mean
@@ -504,19 +523,26 @@ class Trainer:
         started = time.perf_counter()
         self._rng_at_step_start = rng_state()
         batches = self.step_batches(self.step)
-        (n_targets,) = self.world.sum(sum(int((targets != IGNORE_INDEX).sum()) for _, targets in batches))
+        (n_targets,) = self.world.sum(sum(batch.n_targets for batch in batches))
         for group in self.optimizer.param_groups:
             group["lr"] = self.schedule(self.step)
         total = 0.0
-        for index, (inputs, targets) in enumerate(batches):
+        for index, batch in enumerate(batches):
+            b = batch.to(self.device)
             with self.world.accumulating(self.objective, skip_sync=index < len(batches) - 1):
-                with autocast(self.device, t.mixed_precision):
-                    loss_sum, _ = self.objective(inputs.to(self.device), targets.to(self.device))
+                with autocast(self.device, self.dtype):
+                    loss_sum, _ = self.objective(
+                        b.inputs,
+                        b.targets,
+                        positions=b.positions,
+                        segments=b.segments,
+                        chunk_size=t.loss_chunk_size,
+                    )
                 # Normalise by the whole step's target count (over all processes), so every target token
                 # weighs the same; x world size because DDP averages the processes' gradients.
                 (loss_sum * self.world.size / max(n_targets, 1)).backward()
             total += loss_sum.item()
-            self._tokens += inputs.numel()
+            self._tokens += b.n_tokens
         (total,) = self.world.sum(total)
         loss = total / max(n_targets, 1)
         if not math.isfinite(loss):
@@ -529,6 +555,9 @@ class Trainer:
         if t.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
         self.optimizer.step()
+        # The fused AdamW kernel changes the weights in place without bumping their version counters; bump
+        # them, so what is keyed on a weight's version (generation's copy of the output layer) sees the step.
+        torch.autograd.graph.increment_version(list(self.model.parameters()))
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self._updating, self._rng_at_step_start = False, None
@@ -702,14 +731,12 @@ class Trainer:
         log.info("config:\n%s", format_config(c))
         log.info("%s", model_summary(self.model))
         log.info(
-            "plan: %s training %s (%s held out) at effective batch %d (%d x %d accumulation) is %d steps an "
-            "epoch, %d for %d epochs%s; %s",
+            "plan: %s training %s (%s held out) at effective batch %d is %d steps an epoch, %d for %d "
+            "epochs%s; %s, %s, micro-batches of up to %d %s",
             f"{len(self.data.train):,}",
             unit,
             f"{len(self.data.val):,}",
             effective,
-            c.train.batch_size,
-            c.train.gradient_accumulation_steps,
             self.steps_per_epoch,
             c.train.epochs * self.steps_per_epoch,
             c.train.epochs,
@@ -720,6 +747,9 @@ class Trainer:
             "step's examples"
             if self.world.size > 1
             else f"device {self.device}",
+            "bfloat16 autocast" if self.dtype == torch.bfloat16 else "float32",
+            self.micro_rows,
+            "packed rows" if c.data.packing else "examples",
         )
         if self.step:
             log.info("resuming from step %d of %d (%s)", self.step, self.total_steps, self.out_dir)
