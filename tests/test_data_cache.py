@@ -1,13 +1,16 @@
 """Tokenized data is cached on disk: built once, memory-mapped after, rebuilt when its inputs change."""
 
 import json
+import os
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import tinylm.data.prepare as prepare_module
 from tinylm.config import apply_overrides
-from tinylm.data.cache import cache_root
+from tinylm.data.cache import META, VERSION, cache_root, digest, load_or_build
 from tinylm.data.instructions import collate
 from tinylm.data.prepare import prepare_data
 from tinylm.data.tokens import TokenArrays
@@ -127,3 +130,28 @@ def test_text_windows_share_their_boundary_token_and_every_target_counts():
     inputs, targets = windows.batch([0, 2], pad_id=0)
     assert inputs.tolist() == [[0, 1, 2], [6, 7, 8]]
     assert targets.tolist() == [[1, 2, 3], [7, 8, 9]]
+
+
+def test_an_entry_another_process_finished_first_is_kept_and_a_broken_one_replaced():
+    def build_while_another_finishes(folder):
+        # Another process (another machine's, on a shared cache) renames its entry into place meanwhile.
+        (folder / "x.txt").write_text("ours")
+        theirs = Path(tempfile.mkdtemp(dir=folder.parent))
+        (theirs / "x.txt").write_text("theirs")
+        (theirs / META).write_text(json.dumps({"key": {}, "meta": {}}))
+        os.rename(theirs, folder.parent / folder.name.split(".")[1])
+        return {}
+
+    entry, _ = load_or_build("test", {"n": 1}, build_while_another_finishes)
+    assert (entry / "x.txt").read_text() == "theirs"  # never removed, as they may be reading it
+    assert [p.name for p in entry.parent.iterdir()] == [entry.name]  # and ours is cleaned up
+
+    def build(folder):
+        (folder / "x.txt").write_text("whole")
+        return {}
+
+    broken = cache_root() / "test" / digest({"version": VERSION, "n": 2})[:32]
+    broken.mkdir()  # the remains of an entry without meta.json
+    (broken / "x.txt").write_text("half")
+    entry, _ = load_or_build("test", {"n": 2}, build)
+    assert entry == broken and (entry / "x.txt").read_text() == "whole"

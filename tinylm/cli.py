@@ -150,6 +150,16 @@ def _train_config(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from tinylm.distributed import World, exit_process, record_errors
+
+    # Under torchrun, an error is also written where its summary shows which rank failed first, and why.
+    code = record_errors(_train)(args)
+    if World.from_env().size > 1:
+        exit_process(code)  # without the interpreter's teardown, which can abort a finished process
+    return code
+
+
+def _train(args: argparse.Namespace) -> int:
     from tinylm.train import Trainer
 
     trainer = Trainer(
@@ -166,10 +176,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"quit without saving; the last checkpoint in {trainer.out_dir} is kept", file=sys.stderr)
         return 130
     best = f"{result.best_val_loss:.4f}" if result.best_val_loss is not None else "n/a"
-    print(
-        f"{'stopped' if result.interrupted else 'done'} at step {result.step}; best validation loss {best}; "
-        f"checkpoints in {result.out_dir}"
-    )
+    if trainer.world.is_main:
+        print(
+            f"{'stopped' if result.interrupted else 'done'} at step {result.step}; best validation loss "
+            f"{best}; checkpoints in {result.out_dir}"
+        )
     return 130 if result.interrupted else 0
 
 

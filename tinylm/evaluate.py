@@ -11,6 +11,7 @@ import torch
 from tinylm.config import SamplingConfig
 from tinylm.data.sources import Record
 from tinylm.data.tokens import TokenArrays
+from tinylm.distributed import World
 from tinylm.generate import generate_batch
 from tinylm.model import TinyLM, lm_loss
 from tinylm.prompts import DEFAULT_STOP_STRINGS, encode_prompt
@@ -25,8 +26,13 @@ def validation_loss(
     batch_size: int,
     pad_id: int,
     max_batches: int | None = None,
+    world: World | None = None,
 ) -> float:
-    """Mean per-token loss over the held-out examples (in their fixed order), in eval mode."""
+    """Mean per-token loss over the held-out examples (in their fixed order), in eval mode.
+
+    Under torchrun (`world`) each process takes every world.size-th batch and the sums are added up over
+    the processes, so all of them return the mean over the same batches as one process would.
+    """
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -35,6 +41,8 @@ def validation_loss(
         for index, first in enumerate(range(0, len(examples), batch_size)):
             if max_batches is not None and index >= max_batches:
                 break
+            if world is not None and index % world.size != world.rank:
+                continue
             chosen = range(first, min(first + batch_size, len(examples)))
             inputs, targets = examples.batch(chosen, pad_id=pad_id)
             loss_sum, n = lm_loss(model, inputs.to(device), targets.to(device))
@@ -42,6 +50,8 @@ def validation_loss(
             count += n
     finally:
         model.train(was_training)
+    if world is not None:
+        total, count = world.sum(total, count)
     return total / max(count, 1)
 
 

@@ -296,6 +296,19 @@ class Trackers:
             tracker.close()
 
 
+class NoTrackers:
+    """What the other processes of a torchrun job report to: nothing, as rank 0 alone reports."""
+
+    def advance(self, step: int) -> None:
+        pass
+
+    def log(self, metrics: dict[str, Any], *, step: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def wandb_wanted(flag: bool) -> bool:
     """wandb logs when the config asks for it or a .env file (or the environment) names a WANDB_PROJECT."""
     load_dotenv_file()

@@ -31,12 +31,13 @@ from tinylm import checkpoint as ckpt
 from tinylm.config import Config, TrainConfig, format_config
 from tinylm.data.instructions import epoch_order
 from tinylm.data.prepare import SAMPLE_TOKENS, prepare_data
+from tinylm.distributed import World
 from tinylm.evaluate import perplexity, validation_loss
 from tinylm.generate import complete
 from tinylm.model import IGNORE_INDEX, TinyLM, lm_loss, model_summary
 from tinylm.plot import plot_runs
-from tinylm.runtime import autocast, pick_device, seed_everything
-from tinylm.tracking import METRICS_FILE, WANDB_ID_FILE, build_trackers
+from tinylm.runtime import autocast, seed_everything
+from tinylm.tracking import METRICS_FILE, WANDB_ID_FILE, NoTrackers, build_trackers
 
 log = logging.getLogger("tinylm")
 
@@ -267,9 +268,12 @@ class Trainer:
         if out_dir is None:
             raise TrainingError("no run folder: give out_dir (--out)")
         self.out_dir = Path(out_dir)
+        # Under torchrun: this process's rank; the process group is joined in build().
+        self.world = World.from_env()
         if self.resume_from is None:
             if overwrite:
-                clear_run_folder(self.out_dir)
+                if self.world.is_main:
+                    clear_run_folder(self.out_dir)
             elif (self.out_dir / ckpt.LATEST).exists() or (self.out_dir / METRICS_FILE).exists():
                 raise TrainingError(
                     f"{self.out_dir} already holds a run: resume it with --resume {self.out_dir}, "
@@ -278,7 +282,7 @@ class Trainer:
         self.init_from = Path(init_from) if init_from is not None else None
         self.config = config.validate()
         self.progress_bar = progress_bar
-        self.device = pick_device(config.train.device)
+        self.device = self.world.pick_device(config.train.device)
         self.step = 0
         self.stop_reason: str | None = None
         self._resume_state: dict[str, Any] | None = None
@@ -291,9 +295,11 @@ class Trainer:
     # -- building ---------------------------------------------------------------------------------
 
     def build(self) -> None:
+        self.world.start(self.device)
         seed_everything(self.config.train.seed)
         loaded = self._load_start_checkpoint()
-        self.data = prepare_data(self.config, tokenizer=loaded.tokenizer if loaded else None)
+        with self.world.local_main_first():  # one process per machine tokenizes; the others read its cache
+            self.data = prepare_data(self.config, tokenizer=loaded.tokenizer if loaded else None)
         self.tokenizer = self.data.tokenizer
         c = self.config = replace(
             self.config, model=replace(self.config.model, vocab_size=self.tokenizer.vocab_size)
@@ -302,6 +308,9 @@ class Trainer:
         if loaded is not None:
             self.model.load_state_dict(loaded.model.state_dict())
         self.model.to(self.device)
+        # What train_step calls: the model's loss, in DistributedDataParallel under torchrun. `self.model` stays
+        # the bare model that is evaluated, sampled and saved (no 'module.' prefix in checkpoints).
+        self.objective = self.world.wrap(self.model, lm_loss)
         self.optimizer = build_optimizer(self.model, c.train)
         micro_per_epoch = math.ceil(len(self.data.train) / c.train.batch_size)
         self.steps_per_epoch = math.ceil(micro_per_epoch / c.train.gradient_accumulation_steps)
@@ -387,6 +396,17 @@ class Trainer:
     # -- the loop ---------------------------------------------------------------------------------
 
     def run(self) -> TrainResult:
+        try:
+            result = self._run()
+            # torchrun ends the job when one process exits: all wait for rank 0's last save. Not after a
+            # step cut short (a second Ctrl-C), as the others may still be inside it.
+            if self._rng_at_step_start is None:
+                self.world.barrier()
+            return result
+        finally:
+            self.world.close()
+
+    def _run(self) -> TrainResult:
         self.build()
         self._announce()
         if self._resume_state is not None and self.step >= self.total_steps:
@@ -398,14 +418,18 @@ class Trainer:
             )
             return TrainResult(self.out_dir, self.step, self.watch.best_loss, False)
         self._open_run_folder()
-        self.trackers = build_trackers(
-            self.out_dir,
-            config=self.config.to_dict(),
-            start_step=self.step,
-            total_steps=self.total_steps,
-            wandb=self.config.train.wandb,
-            tensorboard=self.config.train.tensorboard,
-            bar=self.progress_bar,
+        self.trackers = (
+            build_trackers(
+                self.out_dir,
+                config=self.config.to_dict(),
+                start_step=self.step,
+                total_steps=self.total_steps,
+                wandb=self.config.train.wandb,
+                tensorboard=self.config.train.tensorboard,
+                bar=self.progress_bar,
+            )
+            if self.world.is_main
+            else NoTrackers()
         )
         try:
             # Last, right before the first step: nothing after it may draw from the random generators.
@@ -416,7 +440,7 @@ class Trainer:
             self.model.train()
             self._train_seconds, self._tokens = 0.0, 0
             with self._stop_gracefully():
-                while self.step < self.total_steps and self.stop_reason is None:
+                while self.step < self.total_steps and not self._stopping():
                     loss = self.train_step()
                     self.maybe_log(loss)
                     self.maybe_evaluate()
@@ -453,16 +477,24 @@ class Trainer:
         )
 
     def step_batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The micro-batches of one optimizer step: a pure function of (seed, step)."""
+        """This process's micro-batches of one optimizer step: a pure function of (seed, step, rank, world
+        size). Under torchrun the step's batch_size x accumulation examples are split evenly over the
+        processes, and each cuts its share into micro-batches of at most batch_size."""
         t = self.config.train
         epoch, within = divmod(step, self.steps_per_epoch)
         if self._order[0] != epoch:
             self._order = (epoch, epoch_order(len(self.data.train), seed=t.seed, epoch=epoch))
         first = within * t.gradient_accumulation_steps * t.batch_size
         chosen = self._order[1][first : first + t.gradient_accumulation_steps * t.batch_size]
+        mine = self.world.shard(chosen)
+        if not mine:
+            # An epoch's last step may have fewer examples than there are processes. DDP needs a backward
+            # pass from each, so a process left without examples runs one whose targets all count for nothing.
+            inputs, targets = self.data.train.batch(chosen[:1], pad_id=self.tokenizer.eos_id)
+            return [(inputs, torch.full_like(targets, IGNORE_INDEX))]
         return [
-            self.data.train.batch(chosen[j : j + t.batch_size], pad_id=self.tokenizer.eos_id)
-            for j in range(0, len(chosen), t.batch_size)
+            self.data.train.batch(mine[j : j + t.batch_size], pad_id=self.tokenizer.eos_id)
+            for j in range(0, len(mine), t.batch_size)
         ]
 
     def train_step(self) -> float:
@@ -472,17 +504,20 @@ class Trainer:
         started = time.perf_counter()
         self._rng_at_step_start = rng_state()
         batches = self.step_batches(self.step)
-        n_targets = sum(int((targets != IGNORE_INDEX).sum()) for _, targets in batches)
+        (n_targets,) = self.world.sum(sum(int((targets != IGNORE_INDEX).sum()) for _, targets in batches))
         for group in self.optimizer.param_groups:
             group["lr"] = self.schedule(self.step)
         total = 0.0
-        for inputs, targets in batches:
-            with autocast(self.device, t.mixed_precision):
-                loss_sum, _ = lm_loss(self.model, inputs.to(self.device), targets.to(self.device))
-            # Normalise by the whole step's target count, so every target token weighs the same.
-            (loss_sum / max(n_targets, 1)).backward()
+        for index, (inputs, targets) in enumerate(batches):
+            with self.world.accumulating(self.objective, skip_sync=index < len(batches) - 1):
+                with autocast(self.device, t.mixed_precision):
+                    loss_sum, _ = self.objective(inputs.to(self.device), targets.to(self.device))
+                # Normalise by the whole step's target count (over all processes), so every target token
+                # weighs the same; x world size because DDP averages the processes' gradients.
+                (loss_sum * self.world.size / max(n_targets, 1)).backward()
             total += loss_sum.item()
             self._tokens += inputs.numel()
+        (total,) = self.world.sum(total)
         loss = total / max(n_targets, 1)
         if not math.isfinite(loss):
             # Before the optimizer step, so the weights stay finite too.
@@ -531,6 +566,7 @@ class Trainer:
             batch_size=max(t.batch_size, 8),
             pad_id=self.tokenizer.eos_id,
             max_batches=t.eval_batches,
+            world=self.world,
         )
         self.trackers.log(
             {"val_loss": val_loss, "val_perplexity": perplexity(val_loss), "samples": self.samples()},
@@ -554,11 +590,15 @@ class Trainer:
             )
 
     def plot(self) -> None:
-        """Redraw loss.png from metrics.jsonl: at each evaluation and when the run stops."""
-        plot_runs([self.out_dir], self.out_dir / "loss.png")
+        """Redraw loss.png from metrics.jsonl: at each evaluation and when the run stops (rank 0 only)."""
+        if self.world.is_main:
+            plot_runs([self.out_dir], self.out_dir / "loss.png")
 
     def samples(self) -> list[dict[str, str]]:
-        """Greedy continuations of a fixed few held-out prompts, so users can watch the model learn."""
+        """Greedy continuations of a fixed few held-out prompts, so users can watch the model learn (rank 0
+        alone reports them)."""
+        if not self.world.is_main:
+            return []
         sampling = replace(self.config.sampling, temperature=0.0, max_new_tokens=SAMPLE_TOKENS)
         was_training = self.model.training
         self.model.eval()
@@ -580,7 +620,12 @@ class Trainer:
             self.save(f"checkpoint_step_{self.step}.pt")
             self.save(ckpt.LATEST)
 
-    def save(self, name: str) -> Path:
+    def save(self, name: str) -> Path | None:
+        """Write checkpoint `name` in the run folder (rank 0 only: every process holds the same state)."""
+        if name == ckpt.LATEST:
+            self._saved_step = self.step
+        if not self.world.is_main:
+            return None
         path = ckpt.save_checkpoint(
             self.out_dir / name,
             model=self.model,
@@ -590,13 +635,13 @@ class Trainer:
             info={"best_val_loss": self.watch.best_loss, "total_steps": self.total_steps},
             train_state=None if name == ckpt.BEST else self.state_dict(),
         )
-        if name == ckpt.LATEST:
-            self._saved_step = self.step
         return path
 
     # -- the run folder, stopping and failing -----------------------------------------------------
 
     def _open_run_folder(self) -> None:
+        if not self.world.is_main:
+            return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         ckpt.remove_temp_files(self.out_dir)
         tmp = self.out_dir / ".config.json.tmp"
@@ -623,6 +668,13 @@ class Trainer:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+    def _stopping(self) -> bool:
+        """Whether to stop before the next step. A signal reaches each process at its own moment, so under
+        torchrun they agree first: one interrupted process stops them all after the same step."""
+        if self.world.any(self.stop_reason == "interrupted"):
+            self.stop_reason = self.stop_reason or "interrupted"
+        return self.stop_reason is not None
 
     def _last_checkpoint(self) -> str:
         if self._saved_step is None:
@@ -651,7 +703,7 @@ class Trainer:
         log.info("%s", model_summary(self.model))
         log.info(
             "plan: %s training %s (%s held out) at effective batch %d (%d x %d accumulation) is %d steps an "
-            "epoch, %d for %d epochs%s; device %s",
+            "epoch, %d for %d epochs%s; %s",
             f"{len(self.data.train):,}",
             unit,
             f"{len(self.data.val):,}",
@@ -664,7 +716,10 @@ class Trainer:
             f", capped at {self.total_steps} by max_steps"
             if self.total_steps < c.train.epochs * self.steps_per_epoch
             else "",
-            self.device,
+            f"{self.world.size} processes on {self.device.type}, each taking 1/{self.world.size} of every "
+            "step's examples"
+            if self.world.size > 1
+            else f"device {self.device}",
         )
         if self.step:
             log.info("resuming from step %d of %d (%s)", self.step, self.total_steps, self.out_dir)

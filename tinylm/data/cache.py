@@ -52,11 +52,14 @@ def load_or_build(
     try:
         meta = build(building)
         (building / META).write_text(json.dumps({"key": key, "meta": meta}, default=str))
-        shutil.rmtree(folder, ignore_errors=True)  # a leftover without meta.json is incomplete
         try:
             os.rename(building, folder)
-        except OSError:  # another process finished the same entry first: theirs is as good
-            shutil.rmtree(building, ignore_errors=True)
+        except OSError:  # the name is taken; a complete entry (one with meta.json) is never removed,
+            if (folder / META).is_file():  # as another process may be reading it: theirs is as good
+                shutil.rmtree(building, ignore_errors=True)
+            else:  # the remains of a broken entry
+                shutil.rmtree(folder, ignore_errors=True)
+                os.rename(building, folder)
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)
         raise
