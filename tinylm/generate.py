@@ -221,6 +221,7 @@ class Chunk:
 
     @property
     def tokens_per_sec(self) -> float:
+        """Decoding speed: completion tokens per second since generation began (the prompt's pass included)."""
         return self.completion_tokens / self.seconds if self.seconds > 0 else 0.0
 
 
@@ -246,9 +247,11 @@ def stream_batch(
     limits = list(max_new_tokens or [sampling.max_new_tokens] * len(prompts))
     if not len(trackers) == len(limits) == len(prompts):
         raise ValueError("stops and max_new_tokens need one entry per prompt")
+    if any(limit < 1 for limit in limits):
+        raise ValueError(f"max_new_tokens must be at least 1 for every row, got {limits}")
     counts = [0] * len(prompts)
     finished = [False] * len(prompts)
-    longest = replace(sampling, max_new_tokens=max(limits))
+    longest = replace(sampling, max_new_tokens=max(limits, default=1))
     tokens = generate_ids(model, prompts, longest, pad_id=tokenizer.eos_id, seed=seed)
     try:
         for row_tokens in tokens:
