@@ -8,7 +8,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import replace
 
 import pytest
@@ -160,10 +159,15 @@ def test_sigint_to_a_real_chat_process_does_not_end_it(scripted_run, repo_root, 
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # A job started in the background by a non-interactive shell (as CI may be) inherits SIGINT
+        # ignored, and Python then installs no Ctrl-C handler; give the chat the terminal's default.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         assert process.stdout.readline().startswith("tinylm chat: ")
-        time.sleep(0.5)  # let it reach the prompt
+        process.stdin.write("/settings\n")
+        process.stdin.flush()
+        assert "temperature=" in process.stdout.readline()  # it answered: now it waits at the prompt
         process.send_signal(signal.SIGINT)
         assert process.stdout.readline() == "\n"  # it took the Ctrl-C: a fresh line, then the prompt again
         out, err = process.communicate("hello\n/exit\n", timeout=60)
