@@ -484,6 +484,9 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile rows")
     parser.add_argument("--nanogpt", help="path to nanoGPT's model.py, to add its rows (never vendored here)")
     parser.add_argument("--json", help="also write every raw result to this file")
+    parser.add_argument(
+        "--only", help="comma-separated words: keep the rows whose name contains one (e.g. 'default,HF')"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -502,6 +505,11 @@ def main() -> None:
     rows = tinylm_rows(with_compile=not args.no_compile) + peer_rows(
         nanogpt=bool(args.nanogpt), with_compile=not args.no_compile
     )
+    if args.only:
+        words = [w.strip() for w in args.only.split(",")]
+        rows = [r for r in rows if any(w in r.name for w in words)]
+        if not rows:
+            sys.exit(f"error: --only {args.only}: no row's name contains any of those words")
     per_step = 16
     dataset_size = max(per_step * max(args.curve_steps, args.warmup + args.steps) + per_step, 256)
     raw: dict[str, Any] = {"machine": machine(), "load_before": load(), "peaks": [], "runs": [], "curves": {}}
