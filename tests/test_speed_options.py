@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from tinylm.config import ConfigError, ModelConfig, apply_overrides
 from tinylm.data.packing import PAD_SEGMENT, pack_rows, packed_batch, step_micro_batches
-from tinylm.model import IGNORE_INDEX, TinyLM, linear_cross_entropy, lm_loss
+from tinylm.model import IGNORE_INDEX, TinyLM, attention_with_dropout, dropout, linear_cross_entropy, lm_loss
 from tinylm.prompts import EncodedExample
 from tinylm.runtime import DeviceError, fit_micro_batch, training_dtype
 from tinylm.train import Trainer
@@ -146,6 +146,58 @@ def test_micro_batches_of_a_step_hold_every_example_once():
         assert sum(b.n_targets for b in batches) == sum(sum(e.loss_mask[1:]) for e in examples)
     packed = step_micro_batches(examples, pad_id=0, packing=True, row_capacity=64, micro_rows=100)
     assert sum(b.inputs.size(0) for b in packed) < len(examples)
+
+
+# -- dropout --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_dropout_drops_p_scales_the_rest_and_masks_the_gradient(dtype):
+    torch.manual_seed(0)
+    x = torch.ones(400_000, dtype=dtype, requires_grad=True)
+    y = dropout(x, 0.1, True)
+    kept = y != 0
+    assert y.dtype == dtype
+    assert kept.float().mean().item() == pytest.approx(0.9, abs=0.002)  # 400,000 draws: sd 0.0005
+    assert torch.equal(y[kept], torch.full_like(y[kept], 1 / 0.9))
+    g = torch.randn(400_000).to(dtype)
+    y.backward(g)
+    assert torch.equal(x.grad, g * kept.to(dtype) * torch.tensor(1 / 0.9, dtype=dtype))
+
+
+def test_fast_dropout_follows_the_seed_and_is_the_identity_when_off():
+    x = torch.randn(3, 5, 7)
+    torch.manual_seed(1)
+    a = dropout(x, 0.5, True)
+    torch.manual_seed(1)
+    assert torch.equal(dropout(x, 0.5, True), a)
+    assert not torch.equal(dropout(x, 0.5, True), a)
+    assert dropout(x, 0.5, False) is x
+    assert dropout(x, 0.0, True) is x
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_attention_with_dropout_off_is_sdpa(packed):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 10, 8, generator=g) for _ in range(3))
+    mask = None
+    if packed:
+        segments = torch.tensor([[0] * 4 + [1] * 6, [0] * 10])
+        mask = (torch.ones(10, 10, dtype=torch.bool).tril() & (segments[:, :, None] == segments[:, None, :]))[
+            :, None
+        ]
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+    torch.testing.assert_close(attention_with_dropout(q, k, v, mask, 0.0), expected)
+
+
+def test_training_drops_attention_weights_reproducibly():
+    model = tiny_model(dropout=0.3).train()
+    idx = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(5)
+    a = model(idx)
+    torch.manual_seed(5)
+    assert torch.equal(model(idx), a)
+    assert not torch.allclose(model.eval()(idx), a)
 
 
 # -- every option trains like the plain path ------------------------------------------------------------
