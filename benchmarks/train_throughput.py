@@ -527,7 +527,8 @@ def main() -> None:
             # Losses only, so two at a time and one thread each (the same for every row, so the sums
             # inside each matmul run in the same order).
             curve_rows = [r for r in rows if r.curve]
-            curve_rows.insert(1, replace(curve_rows[0], name="seed settings, other dropout draws"))
+            if curve_rows and curve_rows[0].name == "seed settings (before)":
+                curve_rows.insert(1, replace(curve_rows[0], name="seed settings, other dropout draws"))
             specs = [
                 {
                     **base,
@@ -568,8 +569,15 @@ def main() -> None:
 
 
 def report(raw: dict[str, Any], versions: list[str], rows: list[Row], args: argparse.Namespace) -> str:
-    if not raw["peaks"]:
-        return "(no throughput rounds)"
+    lines = throughput_table(raw, versions, rows, args) if raw["peaks"] else ["(no throughput rounds)"]
+    if raw["curves"]:
+        lines += ["", *curve_table(raw, args)]
+    return "\n".join(lines)
+
+
+def throughput_table(
+    raw: dict[str, Any], versions: list[str], rows: list[Row], args: argparse.Namespace
+) -> list[str]:
     peak = {k: max(p[k] for p in raw["peaks"]) for k in ("fp32", "bf16")}
     lines = [
         f"Machine: {raw['machine']}. Load average before {raw['load_before']}, after {raw['load_after']}.",
@@ -578,9 +586,9 @@ def report(raw: dict[str, Any], versions: list[str], rows: list[Row], args: argp
         f"Medians of {args.rounds} round(s) of {args.steps} steps after {args.warmup} warm-up step(s); "
         "effective batch 16 examples (tinylm) or 16 rows of 128 tokens (peers).",
         "",
-        "| model | configuration | tokens/s | useful tokens/s | x HF best | model GFLOP/s | % bf16 peak "
-        "| % fp32 peak | peak RSS MiB | warm-up s |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| model | configuration | tokens/s | useful tokens/s | x HF best | x nanoGPT best | model GFLOP/s "
+        "| % bf16 peak | % fp32 peak | peak RSS MiB | warm-up s |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for version in versions:
         stats = {}
@@ -595,37 +603,48 @@ def report(raw: dict[str, Any], versions: list[str], rows: list[Row], args: argp
                     "first": statistics.median(r["first_steps"] for r in runs),
                 }
         hf_best = max((s["tokens"] for n, s in stats.items() if n.startswith("HF")), default=float("nan"))
+        # Without nanoGPT's model.py at hand, v2 compares with the issue's figure for its best.
+        nano_best = max(
+            (s["tokens"] for n, s in stats.items() if n.startswith("nanoGPT")),
+            default=NANOGPT_ISSUE_FIGURE if version == "v2" else float("nan"),
+        )
         for name, s in stats.items():
             lines.append(
                 f"| {version} | {name} | {s['tokens']:,.0f} | {s['useful']:,.0f} "
-                f"| {s['tokens'] / hf_best:.2f} "
+                f"| {ratio(s['tokens'], hf_best)} | {ratio(s['tokens'], nano_best)} "
                 f"| {s['flops'] / 1e9:,.1f} | {100 * s['flops'] / peak['bf16']:.0f}% "
                 f"| {100 * s['flops'] / peak['fp32']:.0f}% | {s['rss'] / 2**20:,.0f} | {s['first']:.1f} |"
             )
-        if not any(n.startswith("nanoGPT") for n in stats):
+        if version == "v2" and not any(n.startswith("nanoGPT") for n in stats):
             lines.append(
                 f"| {version} | nanoGPT bf16 + compile (issue's figure, v2 only; not measured here) "
-                f"| {NANOGPT_ISSUE_FIGURE:,} | | | | | | | |"
+                f"| {NANOGPT_ISSUE_FIGURE:,} | | | | | | | | |"
             )
-    if raw["curves"]:
-        reference = raw["curves"].get("seed settings (before)")
-        at = [s for s in CURVE_AT if s <= args.curve_steps] or [args.curve_steps]
-        lines += [
-            "",
-            f"Loss curves, v1, {args.curve_steps} steps from the same seed (same init, same examples per "
-            "step); each figure is the mean training loss of the 10 steps ending there.",
-            "",
-            "| configuration | " + " | ".join(f"step {s}" for s in at) + " | max diff vs seed settings |",
-            "| --- | " + " | ".join("---:" for _ in at) + " | ---: |",
-        ]
-        for name, losses in raw["curves"].items():
-            means = [statistics.fmean(losses[max(0, s - 10) : s]) for s in at]
-            diff = ""
-            if reference:
-                ref = [statistics.fmean(reference[max(0, s - 10) : s]) for s in at]
-                diff = f"{max(abs(a - b) for a, b in zip(means, ref, strict=True)):.3f}"
-            lines.append(f"| {name} | " + " | ".join(f"{m:.3f}" for m in means) + f" | {diff} |")
-    return "\n".join(lines)
+    return lines
+
+
+def ratio(a: float, b: float) -> str:
+    return "" if math.isnan(b) else f"{a / b:.2f}"
+
+
+def curve_table(raw: dict[str, Any], args: argparse.Namespace) -> list[str]:
+    reference = raw["curves"].get("seed settings (before)")
+    at = [s for s in CURVE_AT if s <= args.curve_steps] or [args.curve_steps]
+    lines = [
+        f"Loss curves, v1, {args.curve_steps} steps from the same seed (same init, same examples per "
+        "step); each figure is the mean training loss of the 10 steps ending there.",
+        "",
+        "| configuration | " + " | ".join(f"step {s}" for s in at) + " | max diff vs seed settings |",
+        "| --- | " + " | ".join("---:" for _ in at) + " | ---: |",
+    ]
+    for name, losses in raw["curves"].items():
+        means = [statistics.fmean(losses[max(0, s - 10) : s]) for s in at]
+        diff = ""
+        if reference:
+            ref = [statistics.fmean(reference[max(0, s - 10) : s]) for s in at]
+            diff = f"{max(abs(a - b) for a, b in zip(means, ref, strict=True)):.3f}"
+        lines.append(f"| {name} | " + " | ".join(f"{m:.3f}" for m in means) + f" | {diff} |")
+    return lines
 
 
 if __name__ == "__main__":
