@@ -61,6 +61,17 @@ def test_chunked_loss_stays_exact_when_the_target_probability_underflows():
     assert chunked.item() == pytest.approx(full.item(), rel=1e-6) and chunked.item() > 400
 
 
+def test_chunked_loss_over_no_targets_gives_zero_gradients_not_none():
+    hidden = torch.randn(0, 16, requires_grad=True)
+    weight = torch.randn(VOCAB, 16, requires_grad=True)
+    bias = torch.randn(VOCAB, requires_grad=True)
+    loss = linear_cross_entropy(hidden, weight, bias, torch.zeros(0, dtype=torch.long), chunk_size=4)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert torch.equal(weight.grad, torch.zeros_like(weight))
+    assert torch.equal(bias.grad, torch.zeros_like(bias))
+
+
 def test_chunked_loss_without_gradients_computes_none():
     model = tiny_model().eval()
     inputs, targets = torch.randint(0, VOCAB, (2, 10)), torch.randint(0, VOCAB, (2, 10))

@@ -356,6 +356,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_bias = _accumulate(grad_bias, (probs.new_ones(1, probs.size(0)) @ probs).squeeze(0))
             grad_hidden[rows] = probs @ w
             grad_weight = _accumulate(grad_weight, probs.t() @ h[rows])
+        if want_grad and grad_weight is None:
+            # No counted target (a process whose share of a step has none): zero gradients, not None, so
+            # DDP still sees every parameter's gradient arrive.
+            grad_weight = torch.zeros_like(weight, dtype=torch.float32)
+            grad_bias = None if bias is None else torch.zeros_like(bias, dtype=torch.float32)
         ctx.grads = (grad_hidden, grad_weight, grad_bias)
         return loss
 
