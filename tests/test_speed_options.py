@@ -211,6 +211,19 @@ def test_training_drops_attention_weights_reproducibly():
     assert not torch.allclose(model.eval()(idx), a)
 
 
+def test_checkpointing_redraws_the_same_dropout_masks_so_gradients_match():
+    idx = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_model(dropout=0.3, gradient_checkpointing=checkpointing).train()
+        torch.manual_seed(7)
+        loss, _ = lm_loss(model, idx[:, :-1], idx[:, 1:], chunk_size=8)
+        loss.backward()
+        grads.append([p.grad for p in model.parameters()])
+    for plain, recomputed in zip(*grads, strict=True):
+        torch.testing.assert_close(recomputed, plain)
+
+
 # -- every option trains like the plain path ------------------------------------------------------------
 
 PLAIN = {
