@@ -73,6 +73,33 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, make_config):
         torch.testing.assert_close(weights[1][name], value, rtol=1e-4, atol=1e-5, msg=name)
 
 
+def grads_at_the_optimizer(tmp_path: Path, config) -> list[torch.Tensor]:
+    """The gradients the optimizer sees in the first step of a run of `config`."""
+    trainer = Trainer(config, out_dir=tmp_path)
+    trainer.build()
+    seen: list[torch.Tensor] = []
+    step = trainer.optimizer.step
+
+    def recording_step(*args, **kwargs):
+        seen.extend(p.grad.clone() for p in trainer.model.parameters())
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = recording_step
+    trainer.train_step()
+    return seen
+
+
+@pytest.mark.parametrize("grad_clip", [1e-3, 1e6])
+def test_gradients_reach_the_optimizer_clipped_to_grad_clip_or_untouched(tmp_path, make_config, grad_clip):
+    raw = grads_at_the_optimizer(tmp_path / "raw", make_config(max_steps=1, grad_clip=0.0))
+    got = grads_at_the_optimizer(tmp_path / "clip", make_config(max_steps=1, grad_clip=grad_clip))
+    raw_norm = torch.nn.utils.get_total_norm(raw).item()
+    assert 1e-3 < raw_norm < 1e6
+    scale = min(1.0, grad_clip / raw_norm)
+    for r, g in zip(raw, got, strict=True):
+        torch.testing.assert_close(g, r * scale, rtol=1e-5, atol=1e-9)
+
+
 def test_learning_rate_warms_up_then_decays_to_the_minimum():
     train = TrainConfig(learning_rate=1e-3, min_learning_rate=1e-4, warmup_steps=10)
     rates = [learning_rate(step, train, 100) for step in range(101)]

@@ -553,7 +553,12 @@ class Trainer:
             )
         self._updating = True
         if t.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads)
+            # Scale only when clipping: clip_grad_norm_ always multiplies every gradient (by 1.0 when under
+            # the limit), a pass over 21M floats that was 2% of a v2 step on CPU.
+            if norm > t.grad_clip:
+                torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), t.grad_clip, norm)
         self.optimizer.step()
         # The fused AdamW kernel changes the weights in place without bumping their version counters; bump
         # them, so what is keyed on a weight's version (generation's copy of the output layer) sees the step.
