@@ -189,13 +189,43 @@ class Measured:
     flops: float = 0.0
     losses: list[float] = field(default_factory=list)
     first_steps: float = 0.0
+    started: float = field(default_factory=time.perf_counter)
+
+    def add_step(
+        self,
+        step: int,
+        warmup: int,
+        clock: tuple[float, float],
+        *,
+        loss: float,
+        tokens: int,
+        useful: int,
+        flops: float,
+    ) -> None:
+        """Record one optimizer step timed from `clock` (wall, CPU time at its start); a warm-up step only
+        moves `first_steps`."""
+        elapsed, cpu = time.perf_counter() - clock[0], time.process_time() - clock[1]
+        self.losses.append(loss)
+        if step < warmup:
+            self.first_steps = time.perf_counter() - self.started
+            return
+        self.seconds.append(elapsed)
+        self.cpu_seconds += cpu
+        self.tokens += tokens
+        self.useful += useful
+        self.flops += flops
 
 
-def matmul_flops(*, d: int, d_ff: int, layers: int, vocab: int, positions: int, width: int, head_rows: int):
-    """Forward + backward matrix FLOPs: 6 per weight per position, attention over full rows of `width`."""
-    trunk = 6 * positions * layers * (4 * d * d + 2 * d * d_ff)
-    attention = 12 * positions * layers * width * d
-    return trunk + attention + 6 * head_rows * d * vocab
+def clock() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
+def matmul_flops(m, *, vocab: int, positions: int, width: int, head_rows: int) -> float:
+    """Forward + backward matrix FLOPs of model config `m`: 6 per weight per position, attention over full
+    rows of `width`, the output layer at `head_rows` positions."""
+    trunk = 6 * positions * m.n_layers * (4 * m.d_model**2 + 2 * m.d_model * m.d_ff)
+    attention = 12 * positions * m.n_layers * width * m.d_model
+    return trunk + attention + 6 * head_rows * m.d_model * vocab
 
 
 def run_tinylm(spec: dict[str, Any]) -> Measured:
@@ -221,31 +251,28 @@ def run_tinylm(spec: dict[str, Any]) -> Measured:
     trainer.model.train()
     m = config.model
     out = Measured()
-    start = time.perf_counter()
     for step in range(spec["warmup"] + spec["steps"]):
         batches = trainer.step_batches(step)
-        t0, c0 = time.perf_counter(), time.process_time()
-        out.losses.append(trainer.train_step())
+        started = clock()
+        loss = trainer.train_step()
         trainer.step += 1
-        elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
-        if step < spec["warmup"]:
-            out.first_steps = time.perf_counter() - start
-            continue
-        out.seconds.append(elapsed)
-        out.cpu_seconds += cpu
-        out.tokens += sum(b.n_tokens for b in batches)
-        out.useful += sum(b.n_targets for b in batches)
-        out.flops += sum(
-            matmul_flops(
-                d=m.d_model,
-                d_ff=m.d_ff,
-                layers=m.n_layers,
-                vocab=m.vocab_size,
-                positions=b.inputs.numel(),
-                width=b.inputs.size(1),
-                head_rows=b.n_targets,
-            )
-            for b in batches
+        out.add_step(
+            step,
+            spec["warmup"],
+            started,
+            loss=loss,
+            tokens=sum(b.n_tokens for b in batches),
+            useful=sum(b.n_targets for b in batches),
+            flops=sum(
+                matmul_flops(
+                    m,
+                    vocab=m.vocab_size,
+                    positions=b.inputs.numel(),
+                    width=b.inputs.size(1),
+                    head_rows=b.n_targets,
+                )
+                for b in batches
+            ),
         )
     return out
 
@@ -344,33 +371,25 @@ def run_peer(spec: dict[str, Any]) -> Measured:
         model = torch.compile(model)
     model.train()
     out = Measured()
-    start = time.perf_counter()
     for step in range(steps):
         inputs, targets = x[step * micro : (step + 1) * micro], y[step * micro : (step + 1) * micro]
-        t0, c0 = time.perf_counter(), time.process_time()
+        started = clock()
         with torch.autocast("cpu", dtype=torch.bfloat16) if spec["bf16"] else contextlib.nullcontext():
             loss = loss_of(inputs, targets)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        out.losses.append(loss.item())
-        elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
-        if step < spec["warmup"]:
-            out.first_steps = time.perf_counter() - start
-            continue
-        out.seconds.append(elapsed)
-        out.cpu_seconds += cpu
-        out.tokens += inputs.numel()
-        out.useful += int((targets != ignore).sum())
-        out.flops += matmul_flops(
-            d=m.d_model,
-            d_ff=m.d_ff,
-            layers=m.n_layers,
-            vocab=vocab,
-            positions=inputs.numel(),
-            width=inputs.size(1),
-            head_rows=inputs.numel(),
+        out.add_step(
+            step,
+            spec["warmup"],
+            started,
+            loss=loss.item(),
+            tokens=inputs.numel(),
+            useful=int((targets != ignore).sum()),
+            flops=matmul_flops(
+                m, vocab=vocab, positions=inputs.numel(), width=inputs.size(1), head_rows=inputs.numel()
+            ),
         )
     return out
 
