@@ -84,6 +84,18 @@ def make_config():
 
 
 @pytest.fixture(scope="session")
+def tiny_model():
+    """`tiny_model(seed=0, **model_fields)`: a fresh 2-layer, 32-wide byte-level model, seeded."""
+    from tinylm.model import TinyLM
+
+    def make(seed: int = 0, **overrides: object) -> TinyLM:
+        torch.manual_seed(seed)
+        return TinyLM(replace(make_tiny_config().model, **overrides))
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def gpt2_ranks() -> Path:
     if not GPT2_RANKS.is_file():
         pytest.skip(f"GPT-2 ranks file absent: {GPT2_RANKS}")
@@ -140,7 +152,8 @@ MEMORISED = (
 def memorised():
     """(model, tokenizer, examples): a 2-layer, 32-wide model overfit on MEMORISED, in eval mode."""
     from tinylm.data.instructions import collate
-    from tinylm.model import TinyLM, lm_loss
+    from tinylm.loss import lm_loss
+    from tinylm.model import TinyLM
     from tinylm.prompts import encode_example
     from tinylm.tokenizer import ByteTokenizer
 

@@ -40,7 +40,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from tinylm import distributed, train
 from tinylm.cli import main
 
-real_wrap, real_step, real_run = distributed.World.wrap, train.Trainer.train_step, train.Trainer.run
+real_wrap, real_step, real_train = distributed.World.wrap, train.train_step, train.train
 all_reduces = []
 
 def wrap(self, model, loss):
@@ -48,21 +48,21 @@ def wrap(self, model, loss):
     ddp.register_comm_hook(None, lambda state, bucket: all_reduces.append(1) or allreduce_hook(state, bucket))
     return ddp
 
-def train_step(self):
-    if os.environ["RANK"] == "1" and self.step == int(os.environ["FAULT_STEP"]):
+def train_step(state, *args, **kwargs):
+    if os.environ["RANK"] == "1" and state.step == int(os.environ["FAULT_STEP"]):
         if os.environ["FAULT"] == "interrupt":
             os.kill(os.getpid(), signal.SIGINT)
         else:
             raise RuntimeError("rank 1 fails on purpose")
-    return real_step(self)
+    return real_step(state, *args, **kwargs)
 
-def run(self):
-    result = real_run(self)
+def run(*args, **kwargs):
+    result = real_train(*args, **kwargs)
     if os.environ["RANK"] == "1":
         print(f"rank 1: {len(all_reduces)} gradient all-reduces in {result.step} steps", flush=True)
     return result
 
-distributed.World.wrap, train.Trainer.train_step, train.Trainer.run = wrap, train_step, run
+distributed.World.wrap, train.train_step, train.train = wrap, train_step, run
 sys.exit(main())
 """
 

@@ -8,7 +8,9 @@ import torch
 import tinylm.train as train_module
 from tinylm import checkpoint as ckpt
 from tinylm.cli import main
-from tinylm.train import OVERFIT_EVALS, Trainer, TrainingError, ValidationWatch
+from tinylm.run_folder import RunFolderError
+from tinylm.state import OVERFIT_EVALS, ValidationWatch
+from tinylm.train import TrainingError, train
 
 
 def fail_at_step(monkeypatch, step: int, make_result):
@@ -33,7 +35,7 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoin
     with pytest.raises(
         TrainingError, match=r"loss became nan at step 5; stopped\. The last checkpoint, .*step 4"
     ):
-        Trainer(make_config(save_interval=2), out_dir=tmp_path, progress_bar=False).run()
+        train(make_config(save_interval=2), out_dir=tmp_path, progress_bar=False)
     loaded = ckpt.load_model(tmp_path / ckpt.LATEST)
     assert loaded.info["step"] == 4
     assert all(torch.isfinite(p).all() for p in loaded.model.parameters())
@@ -47,7 +49,7 @@ def test_out_of_memory_names_the_settings_to_lower_and_keeps_the_checkpoint(
 
     fail_at_step(monkeypatch, 4, out_of_memory)
     with pytest.raises(TrainingError) as error:
-        Trainer(make_config(save_interval=2), out_dir=tmp_path, progress_bar=False).run()
+        train(make_config(save_interval=2), out_dir=tmp_path, progress_bar=False)
     message = str(error.value)
     assert message.startswith("out of memory at step 4 on cpu: lower train.batch_size (now 8;")
     assert "model.max_seq_length (now 64)" in message and "model.gradient_checkpointing on" in message
@@ -71,32 +73,25 @@ def test_out_of_memory_on_the_command_line_is_one_error_line(tmp_path, tiny_set_
 
 def test_an_existing_run_is_never_overwritten_silently(tmp_path, make_config):
     config = make_config(max_steps=2)
-    Trainer(config, out_dir=tmp_path, progress_bar=False).run()
+    train(config, out_dir=tmp_path, progress_bar=False)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    with pytest.raises(TrainingError, match=rf"{tmp_path} already holds a run: resume it with --resume"):
-        Trainer(config, out_dir=tmp_path, progress_bar=False)
+    with pytest.raises(RunFolderError, match=rf"{tmp_path} already holds a run: resume it with --resume"):
+        train(config, out_dir=tmp_path, progress_bar=False)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
     # --overwrite starts afresh (old tracker logs go too); files a user keeps there stay.
     (tmp_path / "notes.txt").write_text("mine")
     (tmp_path / "tensorboard").mkdir()
     (tmp_path / "tensorboard" / "events.out.tfevents.1").write_bytes(b"old run")
-    Trainer(make_config(max_steps=1), out_dir=tmp_path, overwrite=True, progress_bar=False).run()
+    train(make_config(max_steps=1), out_dir=tmp_path, overwrite=True, progress_bar=False)
     assert ckpt.read_checkpoint(tmp_path / ckpt.LATEST)[1]["step"] == 1
     assert (tmp_path / "notes.txt").read_text() == "mine"
     assert not (tmp_path / "tensorboard").exists()
 
 
-def test_the_command_line_refuses_an_existing_run_folder(tmp_path, tiny_set_args, capsys):
-    args = ["train", "--quiet", *tiny_set_args, "--set", "max_steps=1", "--data", "synthetic"]
-    assert main([*args, "--out", str(tmp_path)]) == 0
-    assert main([*args, "--out", str(tmp_path)]) == 2
-    assert "already holds a run" in capsys.readouterr().err
-
-
 def watch_through(val_losses, train_losses, patience=0):
     watch, messages = ValidationWatch(patience=patience), []
-    for step, (val, train) in enumerate(zip(val_losses, train_losses, strict=True), start=1):
-        watch.add_train_loss(train)
+    for step, (val, loss) in enumerate(zip(val_losses, train_losses, strict=True), start=1):
+        watch.add_train_loss(loss)
         watch.update(step, val)
         messages.append(watch.overfitting())
     return watch, messages
@@ -132,7 +127,7 @@ def test_a_run_that_overfits_says_so_and_stops_early(tmp_path, make_config, capl
     config = make_config(max_steps=400, eval_interval=10, learning_rate=1e-2, early_stopping_patience=5)
     config = apply_overrides(config, {"dataset_size": 8, "val_fraction": 0.5, "warmup_steps": 1})
     caplog.set_level("INFO", logger="tinylm")
-    result = Trainer(config, out_dir=tmp_path, progress_bar=False).run()
+    result = train(config, out_dir=tmp_path, progress_bar=False)
     assert result.stop_reason == "early stopping" and result.step < 400
     assert "the model is overfitting" in caplog.text
     assert "early stopping: validation loss has not improved for 5 evaluations" in caplog.text

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from tinylm.config import ModelConfig, preset
-from tinylm.model import IGNORE_INDEX, KVCache, TinyLM, lm_loss
+from tinylm.loss import lm_loss
+from tinylm.model import IGNORE_INDEX, KVCache, TinyLM
 
 GPT2_VOCAB = 50257
 

@@ -14,7 +14,8 @@ import tinylm.train as train_module
 from tinylm import checkpoint as ckpt
 from tinylm.cli import main
 from tinylm.config import apply_overrides
-from tinylm.train import Trainer, TrainingError
+from tinylm.run_folder import RunFolderError
+from tinylm.train import TrainingError, train
 
 # Accumulation and dropout, so a resume must restore the data position and the random state exactly.
 # Micro-batches of 4 unpacked examples, 3 a step, so a stop can fall between accumulation steps.
@@ -45,7 +46,7 @@ def losses(run_dir):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, make_config):
     run_dir = tmp_path_factory.mktemp("uninterrupted")
-    Trainer(resumable_config(make_config), out_dir=run_dir, progress_bar=False).run()
+    train(resumable_config(make_config), out_dir=run_dir, progress_bar=False)
     return metrics(run_dir)
 
 
@@ -70,12 +71,12 @@ def test_ctrl_c_mid_accumulation_saves_the_step_and_resume_matches_bit_for_bit(
     # An epoch is 16 micro-batches of 4: 6 steps of 3, 3, 3, 3, 3 and 1. Forward pass 21 is the 2nd
     # micro-batch of step 8, mid-epoch 2.
     interrupt_during(monkeypatch, call=16 + 3 + 2, action=lambda: os.kill(os.getpid(), signal.SIGINT))
-    first = Trainer(config, out_dir=tmp_path, progress_bar=False).run()
+    first = train(config, out_dir=tmp_path, progress_bar=False)
     assert first.interrupted and first.step == 8  # the step under way is finished, then saved
     assert ckpt.read_checkpoint(tmp_path / ckpt.LATEST)[1]["step"] == 8
     monkeypatch.undo()
 
-    resumed = Trainer(config, resume=tmp_path, progress_bar=False).run()
+    resumed = train(config, resume=tmp_path, progress_bar=False)
     assert not resumed.interrupted and resumed.step == 14
     assert metrics(tmp_path) == uninterrupted  # bit-identical losses, evaluations and samples, each step once
 
@@ -90,12 +91,12 @@ def test_second_ctrl_c_mid_accumulation_stops_at_once_and_resume_matches_bit_for
         os.kill(os.getpid(), signal.SIGINT)
 
     interrupt_during(monkeypatch, call=16 + 3 + 2, action=press_twice)  # the 2nd micro-batch of step 8
-    first = Trainer(config, out_dir=tmp_path, progress_bar=False).run()
+    first = train(config, out_dir=tmp_path, progress_bar=False)
     # Step 8 is dropped half done; the save holds the state it started from, random states included.
     assert first.interrupted and first.step == 7
     assert ckpt.read_checkpoint(tmp_path / ckpt.LATEST)[1]["step"] == 7
     monkeypatch.undo()
-    Trainer(config, resume=tmp_path, progress_bar=False).run()
+    train(config, resume=tmp_path, progress_bar=False)
     assert metrics(tmp_path) == uninterrupted
 
 
@@ -109,29 +110,28 @@ def test_crash_mid_accumulation_resumes_from_the_last_save_bit_for_bit(
 
     interrupt_during(monkeypatch, call=16 + 4 * 3 + 2, action=crash)  # the 2nd micro-batch of step 11
     with pytest.raises(RuntimeError, match="power cut"):
-        Trainer(config, out_dir=tmp_path, progress_bar=False).run()
+        train(config, out_dir=tmp_path, progress_bar=False)
     assert ckpt.read_checkpoint(tmp_path / ckpt.LATEST)[1]["step"] == 8
     monkeypatch.undo()
 
-    Trainer(config, resume=tmp_path, progress_bar=False).run()
+    train(config, resume=tmp_path, progress_bar=False)
     # Steps 9 and 10 were logged twice in all, but the file holds each once, as the run left alone does.
     assert metrics(tmp_path) == uninterrupted
 
 
 def test_resume_from_an_older_checkpoint_file_drops_the_later_metrics(tmp_path, make_config, uninterrupted):
     config = resumable_config(make_config, save_interval=4)
-    Trainer(config, out_dir=tmp_path, progress_bar=False).run()
-    Trainer(config, resume=tmp_path / "checkpoint_step_4.pt", progress_bar=False).run()
+    train(config, out_dir=tmp_path, progress_bar=False)
+    train(config, resume=tmp_path / "checkpoint_step_4.pt", progress_bar=False)
     assert metrics(tmp_path) == uninterrupted
 
 
 def test_raising_max_steps_on_resume_keeps_the_planned_schedule(tmp_path, make_config):
     config = resumable_config(make_config, max_steps=6, eval_interval=100)
-    Trainer(config, out_dir=tmp_path, progress_bar=False).run()
+    train(config, out_dir=tmp_path, progress_bar=False)
     longer = apply_overrides(config, {"max_steps": 9})
-    trainer = Trainer(longer, resume=tmp_path, progress_bar=False)
-    assert trainer.run().step == 9
-    assert trainer.schedule.total_steps == 6
+    assert train(longer, resume=tmp_path, progress_bar=False).step == 9
+    assert ckpt.read_checkpoint(tmp_path / ckpt.LATEST)[1]["train_state"]["schedule"]["total_steps"] == 6
     lrs = {m["step"]: m["lr"] for m in metrics(tmp_path) if "lr" in m}
     assert [lrs[s] for s in (7, 8, 9)] == [config.train.min_learning_rate] * 3
     assert lrs[6] > config.train.min_learning_rate  # the planned schedule, not one stretched to step 9
@@ -139,27 +139,27 @@ def test_raising_max_steps_on_resume_keeps_the_planned_schedule(tmp_path, make_c
 
 def test_resuming_a_finished_run_says_so_and_trains_nothing(tmp_path, make_config, caplog):
     config = resumable_config(make_config, max_steps=3)
-    Trainer(config, out_dir=tmp_path, progress_bar=False).run()
+    train(config, out_dir=tmp_path, progress_bar=False)
     before = (tmp_path / "metrics.jsonl").read_bytes()
     caplog.set_level("INFO", logger="tinylm")
-    assert Trainer(config, resume=tmp_path, progress_bar=False).run().step == 3
+    assert train(config, resume=tmp_path, progress_bar=False).step == 3
     assert "complete at step 3" in caplog.text
     assert (tmp_path / "metrics.jsonl").read_bytes() == before
 
 
 def test_resume_refuses_to_change_the_model_or_the_data_order(tmp_path, make_config):
     config = resumable_config(make_config, max_steps=2)
-    Trainer(config, out_dir=tmp_path, progress_bar=False).run()
+    train(config, out_dir=tmp_path, progress_bar=False)
     for change, field in (({"d_model": 64}, "model.d_model"), ({"batch_size": 8}, "train.batch_size")):
-        with pytest.raises(TrainingError, match=rf"cannot change {field} \(the run has .*--init-from"):
-            Trainer(apply_overrides(config, change), resume=tmp_path, progress_bar=False).run()
+        with pytest.raises(RunFolderError, match=rf"cannot change {field} \(the run has .*--init-from"):
+            train(apply_overrides(config, change), resume=tmp_path, progress_bar=False)
 
 
 def test_best_model_checkpoint_cannot_be_resumed_and_says_what_to_do(tmp_path, make_config):
     config = resumable_config(make_config, max_steps=2)
-    Trainer(config, out_dir=tmp_path, progress_bar=False).run()
+    train(config, out_dir=tmp_path, progress_bar=False)
     with pytest.raises(TrainingError, match=r"no training state.*--init-from"):
-        Trainer(config, resume=tmp_path / ckpt.BEST, progress_bar=False).run()
+        train(config, resume=tmp_path / ckpt.BEST, progress_bar=False)
 
 
 def test_resume_of_a_folder_without_a_checkpoint_names_it(tmp_path, capsys):

@@ -14,7 +14,7 @@ from tinylm.data.prepare import prepare_data
 from tinylm.data.sources import DataError
 from tinylm.data.text import split_documents, token_stream
 from tinylm.tokenizer import ByteTokenizer, build_tokenizer
-from tinylm.train import Trainer
+from tinylm.train import build_training, plan_run, train
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 needs_shakespeare = pytest.mark.skipif(
@@ -130,7 +130,7 @@ def pretrained(tmp_path_factory, make_config, text_file):
     """Stage one of the recipe: pretrain on plain text."""
     run_dir = tmp_path_factory.mktemp("pretrain")
     config = apply_overrides(make_config(max_steps=40, eval_interval=20), {"data.source": str(text_file)})
-    result = Trainer(config, out_dir=run_dir, progress_bar=False).run()
+    result = train(config, out_dir=run_dir, progress_bar=False)
     return run_dir, result
 
 
@@ -173,14 +173,12 @@ def test_init_from_starts_a_new_run_from_the_weights_and_tokenizer(
 def test_init_from_weights_are_the_starting_point(pretrained, tmp_path, make_config):
     run_dir, _ = pretrained
     source = ckpt.load_model(run_dir / ckpt.BEST)
-    trainer = Trainer(
-        make_config(max_steps=1), out_dir=tmp_path, init_from=run_dir / ckpt.BEST, progress_bar=False
-    )
-    trainer.build()
+    plan = plan_run(make_config(max_steps=1), out_dir=tmp_path, init_from=run_dir / ckpt.BEST)
+    run = build_training(plan.config, device=plan.device, start=plan.start)
     for name, weight in source.model.state_dict().items():
-        assert torch.equal(trainer.model.state_dict()[name], weight), name
-    assert trainer.optimizer.state_dict()["state"] == {}  # a fresh optimizer
-    assert trainer.schedule(0) == trainer.config.train.learning_rate / trainer.config.train.warmup_steps
+        assert torch.equal(run.state.model.state_dict()[name], weight), name
+    assert run.state.optimizer.state_dict()["state"] == {}  # a fresh optimizer
+    assert run.state.schedule(0) == run.config.train.learning_rate / run.config.train.warmup_steps
 
 
 def test_eval_command_measures_a_text_model_on_its_held_out_text(pretrained, capsys):

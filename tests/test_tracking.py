@@ -12,7 +12,7 @@ import pytest
 
 from tinylm.cli import main
 from tinylm.tracking import ConsoleTracker, JsonlTracker, build_trackers, read_metrics, wandb_wanted
-from tinylm.train import Trainer
+from tinylm.train import train
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -20,9 +20,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, make_config):
     run_dir = tmp_path_factory.mktemp("run")
-    Trainer(
-        make_config(max_steps=12, eval_interval=5, log_interval=2), out_dir=run_dir, progress_bar=False
-    ).run()
+    train(make_config(max_steps=12, eval_interval=5, log_interval=2), out_dir=run_dir, progress_bar=False)
     return run_dir
 
 
@@ -173,7 +171,7 @@ def test_wandb_offline_logs_metrics_and_samples_and_a_resume_continues_the_same_
 ):
     monkeypatch.setenv("WANDB_MODE", "offline")
     config = make_config(max_steps=4, eval_interval=2, wandb=True)
-    Trainer(config, out_dir=tmp_path, progress_bar=False).run()
+    train(config, out_dir=tmp_path, progress_bar=False)
     run_id = json.loads((tmp_path / "wandb.json").read_text())["id"]
     records = wandb_records(tmp_path, count=1)
     assert len(records) == 1 and next(iter(records)).endswith(f"/run-{run_id}.wandb")
@@ -187,7 +185,7 @@ def test_wandb_offline_logs_metrics_and_samples_and_a_resume_continues_the_same_
 
     from tinylm.config import apply_overrides
 
-    Trainer(apply_overrides(config, {"max_steps": 6}), resume=tmp_path, progress_bar=False).run()
+    train(apply_overrides(config, {"max_steps": 6}), resume=tmp_path, progress_bar=False)
     assert json.loads((tmp_path / "wandb.json").read_text())["id"] == run_id
     runs = wandb_records(tmp_path, count=2)
     # Both files carry the run's id; the folders may not end with it (wandb adds "-1" to the second
@@ -200,7 +198,7 @@ def test_wandb_offline_logs_metrics_and_samples_and_a_resume_continues_the_same_
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="tensorboard is not installed")
 def test_tensorboard_writes_event_files(tmp_path, make_config):
-    Trainer(make_config(max_steps=2, tensorboard=True), out_dir=tmp_path, progress_bar=False).run()
+    train(make_config(max_steps=2, tensorboard=True), out_dir=tmp_path, progress_bar=False)
     events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
     assert b"val_loss" in events[0].read_bytes()

@@ -1,4 +1,4 @@
-"""The Trainer: losses fall, a seeded run repeats exactly, and a resumed run equals an uninterrupted one."""
+"""Training: losses fall, a seeded run repeats exactly, and a resumed run equals an uninterrupted one."""
 
 import itertools
 import json
@@ -8,9 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import tinylm.train as train_module
 from tinylm.checkpoint import BEST, LATEST, load_model, read_checkpoint
 from tinylm.config import TrainConfig, apply_overrides
-from tinylm.train import Trainer, TrainingError, learning_rate
+from tinylm.state import learning_rate
+from tinylm.train import build_training, clip_gradients, train
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -28,7 +30,7 @@ def losses(run_dir: Path) -> dict[int, float]:
 def seeded_runs(tmp_path_factory, make_config):
     """The same seeded 30-step run, twice."""
     dirs = [tmp_path_factory.mktemp(name) for name in ("first", "second")]
-    results = [Trainer(make_config(max_steps=30), out_dir=d).run() for d in dirs]
+    results = [train(make_config(max_steps=30), out_dir=d) for d in dirs]
     return dirs, results
 
 
@@ -62,9 +64,9 @@ def test_a_run_folder_holds_what_inference_needs(seeded_runs):
 
 def test_gradient_accumulation_matches_one_big_batch(tmp_path, make_config):
     """Every target token weighs the same whether a step is one batch of 8 or 4 micro-batches of 2."""
-    Trainer(make_config(max_steps=3), out_dir=tmp_path / "one").run()
+    train(make_config(max_steps=3), out_dir=tmp_path / "one")
     config = make_config(max_steps=3, batch_size=2, gradient_accumulation_steps=4)
-    Trainer(config, out_dir=tmp_path / "many").run()
+    train(config, out_dir=tmp_path / "many")
     one, many = losses(tmp_path / "one"), losses(tmp_path / "many")
     assert one.keys() == many.keys() == {1, 2, 3}
     assert list(many.values()) == pytest.approx(list(one.values()), rel=1e-5)
@@ -73,31 +75,32 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, make_config):
         torch.testing.assert_close(weights[1][name], value, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def grads_at_the_optimizer(tmp_path: Path, config) -> list[torch.Tensor]:
-    """The gradients the optimizer sees in the first step of a run of `config`."""
-    trainer = Trainer(config, out_dir=tmp_path)
-    trainer.build()
-    seen: list[torch.Tensor] = []
-    step = trainer.optimizer.step
-
-    def recording_step(*args, **kwargs):
-        seen.extend(p.grad.clone() for p in trainer.model.parameters())
-        return step(*args, **kwargs)
-
-    trainer.optimizer.step = recording_step
-    trainer.train_step()
-    return seen
-
-
-@pytest.mark.parametrize("grad_clip", [1e-3, 1e6])
-def test_gradients_reach_the_optimizer_clipped_to_grad_clip_or_untouched(tmp_path, make_config, grad_clip):
-    raw = grads_at_the_optimizer(tmp_path / "raw", make_config(max_steps=1, grad_clip=0.0))
-    got = grads_at_the_optimizer(tmp_path / "clip", make_config(max_steps=1, grad_clip=grad_clip))
+@pytest.mark.parametrize("max_norm", [1e-3, 1e6])
+def test_clipping_scales_gradients_over_the_limit_and_leaves_the_others_untouched(max_norm):
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.zeros(3, 4)), torch.nn.Parameter(torch.zeros(5))]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    raw = [p.grad.clone() for p in params]
+    versions = [p.grad._version for p in params]
     raw_norm = torch.nn.utils.get_total_norm(raw).item()
-    assert 1e-3 < raw_norm < 1e6
-    scale = min(1.0, grad_clip / raw_norm)
-    for r, g in zip(raw, got, strict=True):
-        torch.testing.assert_close(g, r * scale, rtol=1e-5, atol=1e-9)
+    assert clip_gradients(params, max_norm).item() == pytest.approx(raw_norm)
+    if max_norm > raw_norm:  # not even multiplied by 1.0
+        assert [p.grad._version for p in params] == versions
+    scale = min(1.0, max_norm / raw_norm)
+    for r, p in zip(raw, params, strict=True):
+        torch.testing.assert_close(p.grad, r * scale, rtol=1e-6, atol=1e-9)
+
+
+def test_a_step_built_from_a_config_trains_that_step(make_config):
+    """The public seam tests and benchmarks use: build_training, then train_step one step at a time gives
+    the losses the run loop logs for the same config."""
+    run = build_training(make_config(max_steps=3), device=torch.device("cpu"))
+    assert run.state.step == 0
+    first = [run.step() for _ in range(3)]
+    assert run.state.step == 3
+    again = build_training(make_config(max_steps=3), device=torch.device("cpu"))
+    assert [again.step() for _ in range(3)] == first
 
 
 def test_learning_rate_warms_up_then_decays_to_the_minimum():
@@ -111,38 +114,27 @@ def test_learning_rate_warms_up_then_decays_to_the_minimum():
     assert learning_rate(55, train, 100) == pytest.approx(5.5e-4)  # halfway down the cosine
 
 
-def test_an_existing_run_folder_is_protected(tmp_path, make_config):
-    Trainer(make_config(max_steps=2), out_dir=tmp_path).run()
-    with pytest.raises(TrainingError, match=r"--resume.*--overwrite"):
-        Trainer(make_config(max_steps=2), out_dir=tmp_path)
-    (tmp_path / "notes.txt").write_text("mine")
-    result = Trainer(make_config(max_steps=3), out_dir=tmp_path, overwrite=True).run()
-    assert result.step == 3
-    assert sorted(losses(tmp_path)) == [1, 2, 3]  # the old run's metrics are gone, not appended to
-    assert (tmp_path / "notes.txt").read_text() == "mine"  # files the run did not write are kept
-
-
 def test_resumed_run_equals_an_uninterrupted_one(tmp_path, make_config, monkeypatch):
     # Dropout on, so the resumed run must also restore the random state.
     config = apply_overrides(make_config(max_steps=6, save_interval=3), {"dropout": 0.1})
-    Trainer(config, out_dir=tmp_path / "a").run()
+    train(config, out_dir=tmp_path / "a")
 
-    real_step = Trainer.train_step
+    real_step = train_module.train_step
     calls = []
 
-    def interrupt_on_fourth_step(self):
-        calls.append(self.step)
+    def interrupt_on_fourth_step(*args, **kwargs):
+        calls.append(1)
         if len(calls) == 4:
             raise KeyboardInterrupt
-        return real_step(self)
+        return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(Trainer, "train_step", interrupt_on_fourth_step)
-    stopped = Trainer(config, out_dir=tmp_path / "b").run()
+    monkeypatch.setattr(train_module, "train_step", interrupt_on_fourth_step)
+    stopped = train(config, out_dir=tmp_path / "b")
     monkeypatch.undo()
     assert (stopped.step, stopped.interrupted) == (3, True)
     assert read_checkpoint(tmp_path / "b" / LATEST)[1]["step"] == 3
 
-    resumed = Trainer(config, out_dir=tmp_path / "b", resume=True).run()
+    resumed = train(config, out_dir=tmp_path / "b", resume=True)
     assert (resumed.step, resumed.interrupted) == (6, False)
     uninterrupted, interrupted_then_resumed = losses(tmp_path / "a"), losses(tmp_path / "b")
     assert sorted(interrupted_then_resumed) == [1, 2, 3, 4, 5, 6]
@@ -154,4 +146,4 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path, make_config, monkeypa
 
 def test_resume_needs_a_latest_checkpoint(tmp_path, tiny_config):
     with pytest.raises(Exception, match=r"latest\.pt does not exist"):
-        Trainer(tiny_config, out_dir=tmp_path, resume=True)
+        train(tiny_config, out_dir=tmp_path, resume=True)

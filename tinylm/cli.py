@@ -129,15 +129,17 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _train_config(args: argparse.Namespace):
-    from tinylm.checkpoint import read_checkpoint, resume_checkpoint_path
-    from tinylm.config import apply_overrides, config_from_dict, load_config_file, parse_set_args, preset
+    """The run's validated config, and the checkpoint it resumes (read once, here), if any."""
+    from tinylm.config import apply_overrides, load_config_file, parse_set_args, preset
+    from tinylm.train import StartCheckpoint
 
     overrides: dict[str, str] = {}
+    start = None
     if args.resume:
         if args.preset or args.config:
             raise _UsageError("--resume takes the run's config from its checkpoint; change fields with --set")
-        path, payload = read_checkpoint(resume_checkpoint_path(args.resume))
-        config = config_from_dict(payload["config"], origin=str(path))
+        start = StartCheckpoint.read(args.resume, resume=True)
+        config = start.loaded.config
     elif args.config:
         config = load_config_file(args.config, base=preset(args.preset or "v2"))
     else:
@@ -147,7 +149,7 @@ def _train_config(args: argparse.Namespace):
     if args.device:
         overrides["train.device"] = args.device
     overrides.update(parse_set_args(args.set))
-    return apply_overrides(config, overrides).validate()
+    return apply_overrides(config, overrides).validate(), start
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -161,23 +163,26 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from tinylm.train import Trainer
+    from tinylm.distributed import World
+    from tinylm.train import train
 
-    trainer = Trainer(
-        _train_config(args),
-        out_dir=args.out or (None if args.resume else "checkpoints"),
-        resume=args.resume,
-        init_from=args.init_from,
-        overwrite=args.overwrite,
-        progress_bar=False if args.quiet else None,
-    )
+    config, start = _train_config(args)
+    out_dir = args.out or (None if args.resume else "checkpoints")
     try:
-        result = trainer.run()
+        result = train(
+            config,
+            out_dir=out_dir,
+            resume=start,
+            init_from=args.init_from,
+            overwrite=args.overwrite,
+            progress_bar=False if args.quiet else None,
+        )
     except KeyboardInterrupt:
-        print(f"quit without saving; the last checkpoint in {trainer.out_dir} is kept", file=sys.stderr)
+        folder = start.path.parent if start else out_dir
+        print(f"quit without saving; the last checkpoint in {folder} is kept", file=sys.stderr)
         return 130
     best = f"{result.best_val_loss:.4f}" if result.best_val_loss is not None else "n/a"
-    if trainer.world.is_main:
+    if World.from_env().is_main:
         print(
             f"{'stopped' if result.interrupted else 'done'} at step {result.step}; best validation loss "
             f"{best}; checkpoints in {result.out_dir}"
@@ -379,6 +384,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from tinylm.config import ConfigError
     from tinylm.data.sources import DataError
     from tinylm.plot import PlotError
+    from tinylm.run_folder import RunFolderError
     from tinylm.runtime import DeviceError
     from tinylm.tokenizer import TokenizerError
     from tinylm.train import TrainingError
@@ -389,6 +395,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
         DataError,
         DeviceError,
         PlotError,
+        RunFolderError,
         TokenizerError,
         TrainingError,
         _UsageError,

@@ -5,15 +5,18 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
-from tinylm.config import SamplingConfig
+from tinylm.config import Config, SamplingConfig
+from tinylm.data.prepare import SAMPLE_TOKENS, PreparedData
 from tinylm.data.sources import Record
 from tinylm.data.tokens import TokenArrays
 from tinylm.distributed import World
-from tinylm.generate import generate_batch
-from tinylm.model import TinyLM, lm_loss
+from tinylm.generate import Engine, generate_batch
+from tinylm.loss import lm_loss
+from tinylm.model import TinyLM
 from tinylm.prompts import DEFAULT_STOP_STRINGS, encode_prompt
 from tinylm.tokenizer import Tokenizer
 
@@ -87,3 +90,47 @@ def answer_records(
             Answer(r, c.text.strip(), is_correct(r, c.text)) for r, c in zip(chunk, done, strict=True)
         ]
     return answers
+
+
+class Evaluator:
+    """What a training run measures at each evaluation: the validation loss over (at most `eval_batches`
+    batches of) the held-out examples, and the model's greedy answers to a few fixed held-out prompts, so
+    users can watch it learn. Every process computes its share of the loss; the main one alone samples."""
+
+    def __init__(self, data: PreparedData, engine: Engine, config: Config, *, world: World):
+        self.data = data
+        self.engine = engine
+        self.batch_size = max(config.train.batch_size, 8)
+        self.max_batches = config.train.eval_batches
+        self.greedy = replace(config.sampling, temperature=0.0, max_new_tokens=SAMPLE_TOKENS)
+        self.world = world
+
+    def __call__(self) -> dict[str, Any]:
+        """{val_loss, val_perplexity, samples}; the model is left in the mode it was in."""
+        model = self.engine.model
+        loss = validation_loss(
+            model,
+            self.data.val,
+            batch_size=self.batch_size,
+            pad_id=self.data.tokenizer.eos_id,
+            max_batches=self.max_batches,
+            world=self.world,
+        )
+        return {"val_loss": loss, "val_perplexity": perplexity(loss), "samples": self.samples()}
+
+    def samples(self) -> list[dict[str, str]]:
+        if not self.world.is_main:
+            return []
+        was_training = self.engine.model.training
+        self.engine.model.eval()
+        self.engine.refresh()  # the weights moved since the engine last laid them out
+        try:
+            return [
+                {
+                    "prompt": p.text,
+                    "completion": self.engine.complete(p.ids, self.greedy, stop=self.data.stop).text,
+                }
+                for p in self.data.samples
+            ]
+        finally:
+            self.engine.model.train(was_training)

@@ -353,3 +353,14 @@ def generate_batch(
         Completion("".join(text), end.finish_reason or "length", end.prompt_tokens, end.completion_tokens)
         for text, end in zip(texts, last, strict=True)
     ]
+
+
+class Engine:  # TEMPORARY shim until the engine branch lands (not committed)
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+
+    def refresh(self):
+        torch.autograd.graph.increment_version(list(self.model.parameters()))
+
+    def complete(self, ids, sampling, *, stop=(), seed=None):
+        return complete(self.model, self.tokenizer, ids, sampling, stop=stop, seed=seed)

@@ -1,7 +1,8 @@
-"""The decoder-only transformer, read top-down: positions, attention, feed-forward, block, model, loss.
+"""The decoder-only transformer, read top-down: cache, positions, attention, feed-forward, block, model.
 
-The model is pure: token ids in, logits out. No device choice, printing or I/O lives here. Decoding passes
-an explicit `KVCache`; the loss is a separate function so it can skip positions whose loss does not count.
+The model is pure: token ids in, logits out. No device choice, printing or I/O lives here: the CPU fast
+paths it calls are in `kernels`, the training loss (which skips positions whose loss does not count) in
+`loss`. Decoding passes an explicit `KVCache`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from tinylm.config import ModelConfig
+from tinylm.kernels import Dropout, attention
 
 IGNORE_INDEX = -100
 
@@ -56,48 +58,6 @@ class SinusoidalPositions(nn.Module):
         return self.table[positions]
 
 
-def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """`F.dropout`, with the mask drawn faster on CPU.
-
-    PyTorch's CPU dropout draws one Bernoulli sample per element (about 6 ns each on our 2-core machine), which
-    made dropout a tenth of a v2 training step. Here each element compares a 16-bit quarter of a random 64-bit
-    integer with a threshold: the same seeded generator, keep probability 1 - p to within 2^-17, and the mask
-    kept in x's dtype with the 1 / (1 - p) scale folded in, so backward is one multiply. About a third of the
-    cost. Other devices keep PyTorch's fused kernel.
-    """
-    if not training or p == 0.0 or x.device.type != "cpu":
-        return F.dropout(x, p, training)
-    words = torch.empty((x.numel() + 3) // 4, dtype=torch.int64, device=x.device).random_(-(2**63), None)
-    keep = words.view(torch.int16)[: x.numel()].view(x.shape) >= round(p * 2**16) - 2**15
-    return x * keep.to(x.dtype).mul_(1.0 / (1.0 - p))
-
-
-class Dropout(nn.Module):
-    """`nn.Dropout` through `dropout` above."""
-
-    def __init__(self, p: float):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dropout(x, self.p, self.training)
-
-
-def attention_with_dropout(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, p: float
-) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d_k)) v with dropout on the attention weights, for CPU training.
-
-    What SDPA falls back to on CPU when dropout is on (its fused kernel has none), but with `dropout`'s faster
-    mask: the attention weights are the largest tensor the trunk drops. mask None means causal.
-    """
-    T, S = q.size(2), k.size(2)
-    scores = (q * (1.0 / math.sqrt(q.size(-1)))) @ k.transpose(-2, -1)  # scaling q is T / d_k times cheaper
-    allowed = mask if mask is not None else torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
-    weights = scores.masked_fill_(~allowed, float("-inf")).softmax(dim=-1)
-    return dropout(weights, p, True) @ v
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -115,18 +75,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.view(B, T, self.n_heads, self.d_k).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, dk)
         if cache is not None:
             k, v = cache.append(layer, k, v)  # (B, nh, S, dk) with S = cached + T
-        if self.training and self.dropout > 0 and x.device.type == "cpu":
-            y = attention_with_dropout(q, k, v, mask, self.dropout)
-        else:
-            y = F.scaled_dot_product_attention(
-                q,
-                k,
-                v,
-                attn_mask=mask,
-                dropout_p=self.dropout if self.training else 0.0,
-                # No explicit mask means either a fresh prefill (square: causal) or one new token (sees all).
-                is_causal=mask is None and T > 1,
-            )
+        y = attention(q, k, v, mask, dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, dk)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.proj(y))
 
@@ -266,154 +215,3 @@ class TinyLM(nn.Module):
                 idx, cache=cache, attention_mask=attention_mask, positions=positions, segments=segments
             )
         )
-
-
-def lm_loss(
-    model: TinyLM,
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
-    *,
-    positions: torch.Tensor | None = None,
-    segments: torch.Tensor | None = None,
-    chunk_size: int = 0,
-) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy over targets that count (not IGNORE_INDEX), and how many there were.
-
-    The 50,257-wide output layer is applied only at those positions: prompt tokens masked out of the loss
-    cost nothing there. With chunk_size > 0 it runs `chunk_size` positions at a time and never holds all
-    their logits (see `linear_cross_entropy`). Returning the sum lets the caller normalise over a whole
-    accumulated batch.
-    """
-    hidden = model.hidden_states(inputs, positions=positions, segments=segments)
-    keep = targets != IGNORE_INDEX
-    hidden, wanted = hidden[keep], targets[keep]
-    if chunk_size > 0:
-        loss = linear_cross_entropy(hidden, model.head.weight, model.head.bias, wanted, chunk_size=chunk_size)
-    else:
-        loss = F.cross_entropy(model.logits(hidden).float(), wanted, reduction="sum")
-    return loss, wanted.numel()
-
-
-def linear_cross_entropy(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    targets: torch.Tensor,
-    *,
-    chunk_size: int,
-) -> torch.Tensor:
-    """sum(cross_entropy(hidden @ weight.T + bias, targets)) for hidden (N, d), weight (V, d), targets (N,).
-
-    The output layer and the loss run `chunk_size` rows at a time, and each chunk's gradient is taken at once,
-    so no (N, V) logits tensor is ever held: with V = 50,257 that is the largest tensor of a step. Matrix work
-    follows the active autocast dtype (bfloat16 where the trainer enables it). The softmax is computed in
-    float32 and stored in that dtype; the loss is summed in float32 from those probabilities (under bfloat16,
-    each token's term is within 0.4% of its float32 value and the rounding averages out over a batch).
-    """
-    device_type = hidden.device.type
-    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
-    with torch.autocast(device_type, enabled=False):
-        return _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_size, dtype)
-
-
-class _LinearCrossEntropy(torch.autograd.Function):
-    """Forward computes the loss and, when a gradient is wanted, the gradients too, chunk by chunk; backward
-    only scales them by the incoming gradient. One pass over the logits instead of forward + recompute."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size, dtype):
-        h, w = hidden.to(dtype), weight.to(dtype)
-        # The bias rides in the product as one more weight column against a column of ones: an addmm's
-        # separate bias pass over the (chunk, V) logits costs a sixth of the output layer's forward here.
-        h_ext, w_ext = (h, w)
-        if bias is not None:
-            h_ext = torch.cat([h, h.new_ones(h.size(0), 1)], dim=1)
-            w_ext = torch.cat([w, bias.to(dtype)[:, None]], dim=1)
-        want_grad = any(ctx.needs_input_grad[:3])
-        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_hidden = torch.empty_like(hidden) if want_grad else None
-        grad_weight = grad_bias = None  # float32 sums over the chunks, started by the first
-        for start in range(0, h.size(0), chunk_size):
-            rows, wanted = slice(start, start + chunk_size), targets[start : start + chunk_size]
-            logits = h_ext[rows] @ w_ext.t()  # (chunk, V)
-            # One pass: the softmax runs in float32 whatever the storage dtype, so a bfloat16 result is the
-            # float32 softmax rounded once, as the gradient would be anyway.
-            probs = torch.softmax(logits, dim=1)
-            log_picked = probs.gather(1, wanted[:, None]).squeeze(1).float().log()
-            # A probability below 1e-30 may have underflowed: take those rows' log-probability exactly.
-            tiny = log_picked < -69.0
-            if tiny.any():
-                exact = logits[tiny].float()
-                log_picked[tiny] = exact.gather(1, wanted[tiny, None]).squeeze(1) - exact.logsumexp(1)
-            loss -= log_picked.sum()
-            del logits
-            if not want_grad:
-                continue
-            # d(loss)/d(logits) = softmax - one_hot(target), in place.
-            probs[torch.arange(probs.size(0), device=probs.device), wanted] -= 1.0
-            if bias is not None:
-                # A (1, chunk) x (chunk, V) product sums the rows ~5x faster than probs.sum(0) here.
-                grad_bias = _accumulate(grad_bias, (probs.new_ones(1, probs.size(0)) @ probs).squeeze(0))
-            grad_hidden[rows] = probs @ w
-            grad_weight = _accumulate(grad_weight, probs.t() @ h[rows])
-        if want_grad and grad_weight is None:
-            # No counted target (a process whose share of a step has none): zero gradients, not None, so
-            # DDP still sees every parameter's gradient arrive.
-            grad_weight = torch.zeros_like(weight, dtype=torch.float32)
-            grad_bias = None if bias is None else torch.zeros_like(bias, dtype=torch.float32)
-        ctx.grads = (grad_hidden, grad_weight, grad_bias)
-        return loss
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss):
-        grad_hidden, grad_weight, grad_bias = ctx.grads
-        del ctx.grads
-        # In place: these buffers are this function's own, and a fresh 50,257-row copy costs page faults.
-        scaled = [None if g is None else g.mul_(grad_loss) for g in (grad_hidden, grad_weight, grad_bias)]
-        return scaled[0], scaled[1], scaled[2], None, None, None
-
-
-def _accumulate(total: torch.Tensor | None, part: torch.Tensor) -> torch.Tensor:
-    """total + part in float32; the first part starts the total, so there is no zero-filled buffer to add to."""
-    return part.float() if total is None else total.add_(part)
-
-
-def activation_bytes_per_row(config: ModelConfig, *, checkpointing: bool) -> int:
-    """A generous estimate of the memory one max_seq_length row keeps for the backward pass, in float32.
-
-    Per layer and token: about 8 d_model-wide tensors (norms, q/k/v, attention output, residuals), 2
-    d_ff-wide (feed-forward up and its activation) and n_heads x T attention weights (the plain attention
-    path keeps them); doubled for autocast copies and the allocator's slack. Checkpointing keeps each
-    layer's input only, plus one layer recomputed at a time.
-    """
-    per_layer = 8 * config.d_model + 2 * config.d_ff + config.n_heads * config.max_seq_length
-    layers = 1 + config.n_layers * config.d_model / per_layer if checkpointing else config.n_layers
-    return int(2 * 4 * per_layer * layers * config.max_seq_length)
-
-
-def model_summary(model: TinyLM) -> str:
-    """A short table of the architecture and where the parameters are, printed when training starts."""
-    c = model.config
-
-    def count(module: nn.Module) -> int:
-        return sum(p.numel() for p in module.parameters())
-
-    block = count(model.blocks[0])
-    head = "tied to the embedding" if c.tie_weights else f"{count(model.head):,}"
-    rows = [
-        ("token embedding", f"Embedding({c.vocab_size}, {c.d_model})", f"{count(model.embed):,}"),
-        ("positions", f"sinusoidal({c.max_seq_length}, {c.d_model}), dropout {c.dropout}", "0"),
-        (
-            f"blocks x{c.n_layers}",
-            f"LayerNorm, attention {c.n_heads} heads x {c.d_k}, "
-            f"LayerNorm, ff {c.d_model}->{c.d_ff}->{c.d_model}",
-            f"{block:,} each",
-        ),
-        ("final norm", f"LayerNorm({c.d_model})", f"{count(model.ln_f):,}"),
-        ("output", f"Linear({c.d_model} -> {c.vocab_size})", head),
-    ]
-    width = max(len(r[1]) for r in rows)
-    lines = [f"TinyLM: {model.num_parameters():,} parameters"]
-    lines += [f"  {name:<16} {what:<{width}}  {params:>14}" for name, what, params in rows]
-    return "\n".join(lines)

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from tinylm.config import ModelConfig
+
 
 class DeviceError(RuntimeError):
     """The asked-for device is not available on this machine."""
@@ -90,6 +92,19 @@ def memory_budget(device: torch.device) -> int:
 def fit_micro_batch(rows: int, bytes_per_row: int, device: torch.device) -> int:
     """The most rows (at most all `rows` of a step) whose activations fit `memory_budget`, at least one."""
     return max(1, min(rows, memory_budget(device) // max(bytes_per_row, 1)))
+
+
+def activation_bytes_per_row(config: ModelConfig, *, checkpointing: bool) -> int:
+    """A generous estimate of the memory one max_seq_length row keeps for the backward pass, in float32.
+
+    Per layer and token: about 8 d_model-wide tensors (norms, q/k/v, attention output, residuals), 2
+    d_ff-wide (feed-forward up and its activation) and n_heads x T attention weights (the plain attention
+    path keeps them); doubled for autocast copies and the allocator's slack. Checkpointing keeps each
+    layer's input only, plus one layer recomputed at a time.
+    """
+    per_layer = 8 * config.d_model + 2 * config.d_ff + config.n_heads * config.max_seq_length
+    layers = 1 + config.n_layers * config.d_model / per_layer if checkpointing else config.n_layers
+    return int(2 * 4 * per_layer * layers * config.max_seq_length)
 
 
 def keep_freed_memory() -> None:
