@@ -141,13 +141,13 @@ def memorised():
     """(model, tokenizer, examples): a 2-layer, 32-wide model overfit on MEMORISED, in eval mode."""
     from tinylm.data.instructions import collate
     from tinylm.model import TinyLM, lm_loss
-    from tinylm.prompts import encode_example
+    from tinylm.prompts import TEMPLATE
     from tinylm.tokenizer import ByteTokenizer
 
     tokenizer = ByteTokenizer()
     torch.manual_seed(0)
     model = TinyLM(make_tiny_config().model)
-    examples = [encode_example(tokenizer, q, "", a, max_seq_length=64) for q, a in MEMORISED]
+    examples = [TEMPLATE.encode_example(tokenizer, q, "", a, max_seq_length=64) for q, a in MEMORISED]
     inputs, targets = collate(examples, tokenizer.eos_id)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for _ in range(300):
