@@ -154,13 +154,13 @@ def memorised():
     from tinylm.data.instructions import collate
     from tinylm.loss import lm_loss
     from tinylm.model import TinyLM
-    from tinylm.prompts import encode_example
+    from tinylm.prompts import TEMPLATE
     from tinylm.tokenizer import ByteTokenizer
 
     tokenizer = ByteTokenizer()
     torch.manual_seed(0)
     model = TinyLM(make_tiny_config().model)
-    examples = [encode_example(tokenizer, q, "", a, max_seq_length=64) for q, a in MEMORISED]
+    examples = [TEMPLATE.encode_example(tokenizer, q, "", a, max_seq_length=64) for q, a in MEMORISED]
     inputs, targets = collate(examples, tokenizer.eos_id)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for _ in range(300):

@@ -16,9 +16,9 @@ from tinylm import chat
 from tinylm.chat import ChatSession, run_chat
 from tinylm.checkpoint import load_model
 from tinylm.generate import Chunk
-from tinylm.prompts import INSTRUCTION_HEADER, chat_prompt_budget, encode_prompt
+from tinylm.prompts import TEMPLATE, chat_prompt_budget
 
-SPEED_LINE = re.compile(r"\[(\d+) tokens, \d+\.\d tokens/s\]")
+SPEED_LINE = re.compile(r"\[(\d+) tokens in \d+\.\d\d s \(\d+\.\d tokens/s\); end of answer\]")
 
 
 @pytest.fixture
@@ -41,14 +41,14 @@ def test_answers_stream_with_a_speed_line_and_commands_work(session, scripted_ru
     )
     assert out.startswith("tinylm chat: ")
     first, second = out.split("tinylm> ")[1:3]
-    assert first.startswith(f"{scripted_run.answer}\n[11 tokens, ")  # the answer's 10 bytes and end-of-text
+    assert first.startswith(f"{scripted_run.answer}\n[11 tokens in ")  # the answer's 10 bytes and end-of-text
     assert SPEED_LINE.search(first)
     assert "/set NAME VALUE" in out and "Ctrl-C stops the current answer" in out  # /help
     assert "[temperature = 0.5]" in out and "[max_new_tokens = 4]" in out
     assert "max_new_tokens=4, temperature=0.5," in out  # /settings
-    assert second.startswith("tiny\n[4 tokens, ")  # cut at the new limit, and it says how to lift it
+    assert second.startswith("tiny\n[4 tokens in ")  # cut at the new limit, and it says how to lift it
     assert "cut at max_new_tokens" in second
-    assert "[conversation cleared]" in out and session.history == []
+    assert "[conversation cleared]" in out and session.conversation.turns == []
     assert "unknown command /bogus; /help lists them" in out
     assert out.endswith("bye\n") and "never read" not in out
 
@@ -74,7 +74,7 @@ def test_bad_settings_are_one_line_errors_and_change_nothing(session, command, s
 def test_set_seed_and_end_of_input_without_exit(session):
     out = chat_through(session, "/set seed 5\n/settings\nhello")  # no newline at the end, no /exit
     assert "[seed = 5]" in out and "seed=5" in out
-    assert session.seed == 5 and len(session.history) == 1
+    assert session.seed == 5 and len(session.conversation.turns) == 1
     assert out.endswith("bye\n")
 
 
@@ -92,11 +92,11 @@ def test_earlier_turns_are_in_the_prompt_until_the_window_is_full(session, monke
     tokenizer = session.loaded.tokenizer
     budget = chat_prompt_budget(256, 100)
     assert all(len(p) <= budget for p in prompts)
-    assert tokenizer.decode(prompts[1]).count(INSTRUCTION_HEADER) == 2  # the first turn is carried
+    assert tokenizer.decode(prompts[1]).count(TEMPLATE.instruction_header) == 2  # the first turn is carried
     assert "oldest turn(s) to fit the 256-token context window]" in out  # ...until it no longer fits
     last = tokenizer.decode(prompts[-1])
-    assert last.startswith(INSTRUCTION_HEADER) and last.endswith(
-        tokenizer.decode(encode_prompt(tokenizer, questions[-1]))
+    assert last.startswith(TEMPLATE.instruction_header) and last.endswith(
+        tokenizer.decode(TEMPLATE.encode_prompt(tokenizer, questions[-1]))
     )
     assert questions[0] not in last
 
@@ -104,7 +104,7 @@ def test_earlier_turns_are_in_the_prompt_until_the_window_is_full(session, monke
 def test_a_question_longer_than_the_window_is_cut_and_says_so(session):
     question = " ".join(["why"] * 100)
     out = chat_through(session, f"{question}\n/exit\n")
-    cut = len(encode_prompt(session.loaded.tokenizer, question)) - chat_prompt_budget(256, 100)
+    cut = len(TEMPLATE.encode_prompt(session.loaded.tokenizer, question)) - chat_prompt_budget(256, 100)
     assert f"[cut {cut} tokens from the end of the question to fit the 256-token context window]" in out
     assert "tiny model" in out
 
@@ -118,7 +118,7 @@ def test_ctrl_c_in_the_middle_of_an_answer_stops_it_not_the_chat(session, monkey
     out = chat_through(session, "hello\n/settings\n/exit\n")
     assert "tinylm> tiny \n[stopped]\n" in out
     assert "temperature=" in out and out.endswith("bye\n")  # the chat carried on
-    assert [t.response for t in session.history] == ["tiny"]  # the partial answer is remembered
+    assert [t.response for t in session.conversation.turns] == ["tiny"]  # the partial answer is remembered
 
 
 def test_ctrl_c_while_an_answer_is_being_written_stops_it(session):

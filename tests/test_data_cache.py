@@ -14,7 +14,7 @@ from tinylm.data.cache import META, VERSION, cache_root, digest, load_or_build
 from tinylm.data.instructions import collate
 from tinylm.data.prepare import prepare_data
 from tinylm.data.tokens import TokenArrays
-from tinylm.prompts import encode_example
+from tinylm.prompts import TEMPLATE
 from tinylm.tokenizer import ByteTokenizer
 
 
@@ -112,7 +112,7 @@ def test_cache_lives_in_tinylm_cache_or_the_user_cache_folder(tmp_path, monkeypa
 def test_batches_from_token_arrays_equal_the_collated_examples(tmp_path):
     tok = ByteTokenizer()
     examples = [
-        encode_example(tok, instruction, "", response, max_seq_length=64)
+        TEMPLATE.encode_example(tok, instruction, "", response, max_seq_length=64)
         for instruction, response in (("Hi.", "yo"), ("Add 2 and 3.", "5"), ("Name a colour.", "blue"))
     ]
     arrays = TokenArrays.from_examples(examples, vocab_size=tok.vocab_size)

@@ -8,10 +8,11 @@ import torch
 from tinylm.config import ModelConfig, SamplingConfig
 from tinylm.generate import _TextTracker, complete, generate_batch, generate_ids, next_token, stream
 from tinylm.model import TinyLM
-from tinylm.prompts import DEFAULT_STOP_STRINGS, encode_prompt
+from tinylm.prompts import DEFAULT_STOP_STRINGS, TEMPLATE
 from tinylm.tokenizer import ByteTokenizer
 
 GREEDY = SamplingConfig(temperature=0.0, max_new_tokens=40)
+encode_prompt = TEMPLATE.encode_prompt
 TOK = ByteTokenizer()
 
 

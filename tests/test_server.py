@@ -27,7 +27,7 @@ from tinylm.cli import main
 from tinylm.config import Config
 from tinylm.generate import complete
 from tinylm.model import TinyLM
-from tinylm.prompts import DEFAULT_STOP_STRINGS, encode_prompt
+from tinylm.prompts import DEFAULT_STOP_STRINGS, TEMPLATE
 from tinylm.server import ChatMessage, chat_prompt, create_app, listen
 from tinylm.tokenizer import ByteTokenizer
 
@@ -105,7 +105,7 @@ def reference(
 
 
 def chat_ids(loaded: LoadedModel, question: str) -> list[int]:
-    return encode_prompt(loaded.tokenizer, question)
+    return TEMPLATE.encode_prompt(loaded.tokenizer, question)
 
 
 def streamed_chat(client: openai.OpenAI, **kwargs) -> tuple[str, list]:

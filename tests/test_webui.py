@@ -4,6 +4,7 @@ The model is the scripted one from conftest (it answers every prompt with the sa
 checked is the page: streaming, per-session histories, the prompt it builds, the model panel, errors.
 """
 
+import io
 import itertools
 import json
 
@@ -13,10 +14,12 @@ from gradio_client import Client
 from PIL import Image
 
 from tinylm import cli
-from tinylm.checkpoint import CheckpointError, find_checkpoints
-from tinylm.prompts import Turn, encode_prompt
+from tinylm.chat import ChatSession
+from tinylm.checkpoint import CheckpointError, find_checkpoints, load_model
+from tinylm.conversation import Conversation
+from tinylm.prompts import TEMPLATE, Turn, chat_prompt_budget
 from tinylm.tokenizer import ByteTokenizer
-from tinylm.webui import Conversation, loss_curve
+from tinylm.webui import loss_curve
 
 TOK = ByteTokenizer()
 
@@ -43,7 +46,7 @@ def test_a_question_gets_a_streamed_answer(webui_url, scripted_run):
     # Piece by piece: the answer shown grows through several prefixes, never changing what was shown.
     assert len(set(answers)) > 3
     assert all(b.startswith(a) for a, b in itertools.pairwise(answers))
-    assert "end of text" in updates[-1][3]
+    assert updates[-1][3].endswith("tokens/s); end of answer")
 
 
 def test_two_sessions_keep_separate_histories(webui_url, scripted_run, generations):
@@ -73,8 +76,26 @@ def test_the_context_passage_reaches_the_prompt(webui_url, generations):
     client = Client(webui_url, verbose=False)
     shown = ask(client, "What colour is the sky?", "The sky is green today.").outputs()[-1]
     [(prompt, _)] = generations
-    assert prompt == encode_prompt(TOK, "What colour is the sky?", "The sky is green today.")
+    assert prompt == TEMPLATE.encode_prompt(TOK, "What colour is the sky?", "The sky is green today.")
     assert said(shown[2])[0] == ("user", "What colour is the sky?\n\n> The sky is green today.")
+
+
+def test_a_question_too_long_for_the_window_is_cut_and_both_front_ends_say_so_alike(webui_url, scripted_run):
+    question = " ".join(["why"] * 100)
+    web = Client(webui_url, verbose=False)
+    ask(web, "Hello?")
+    status = ask(web, question).outputs()[-1][3]
+    loaded = load_model(scripted_run.folder)  # the page's first checkpoint, with the sliders' defaults
+    session, terminal = ChatSession(loaded, loaded.config.sampling), io.StringIO()
+    session.ask("Hello?", terminal.write)
+    session.ask(question, terminal.write)
+    cut = len(TEMPLATE.encode_prompt(TOK, question)) - chat_prompt_budget(256, 100)
+    notice = (
+        f"dropped the 1 oldest turn(s) and cut {cut} tokens from the end of the question to fit the "
+        "256-token context window"
+    )
+    assert status.endswith(f"; end of answer; {notice}")
+    assert f"{scripted_run.answer}[{notice}]\n{scripted_run.answer}" in terminal.getvalue()
 
 
 def test_sampling_controls_reach_the_generator_and_clear_forgets(webui_url, generations):
@@ -85,7 +106,7 @@ def test_sampling_controls_reach_the_generator_and_clear_forgets(webui_url, gene
     assert (sampling.repetition_penalty, sampling.max_new_tokens) == (1.3, 12)
     assert said(client.predict(api_name="/clear")[0]) == []
     ask(client, "Again?")
-    assert generations[1][0] == encode_prompt(TOK, "Again?")
+    assert generations[1][0] == TEMPLATE.encode_prompt(TOK, "Again?")
 
 
 def test_model_panel_describes_the_chosen_checkpoint(webui_url, scripted_run):

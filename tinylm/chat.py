@@ -10,8 +10,9 @@ from typing import TextIO
 
 from tinylm.checkpoint import LoadedModel
 from tinylm.config import ConfigError, SamplingConfig, apply_overrides
-from tinylm.generate import stream
-from tinylm.prompts import DEFAULT_STOP_STRINGS, Turn, chat_prompt_budget, encode_chat, encode_prompt
+from tinylm.conversation import Conversation, answer_status, fit_notice
+from tinylm.generate import Chunk, stream
+from tinylm.prompts import TEMPLATE
 
 HELP = """commands:
   /help               this list
@@ -27,16 +28,19 @@ _ALIASES = {"max_tokens": "max_new_tokens"}
 
 @dataclass(frozen=True)
 class Reply:
-    """One answer: its text, why it ended ("stop", "length", or "interrupted" by Ctrl-C), and its speed."""
+    """One answer: its text and its stream's last chunk (the counts and why it ended; None after Ctrl-C)."""
 
     text: str
-    finish_reason: str
-    completion_tokens: int = 0
-    tokens_per_sec: float = 0.0
+    last: Chunk | None = None
+
+    @property
+    def finish_reason(self) -> str:
+        """ "stop", "length", or "interrupted" by Ctrl-C."""
+        return (self.last and self.last.finish_reason) or "interrupted"
 
 
 class ChatSession:
-    """A conversation's history and settings; `ask` streams one answer and remembers the turn."""
+    """A conversation and its settings; `ask` streams one answer and remembers the turn."""
 
     def __init__(
         self,
@@ -48,9 +52,9 @@ class ChatSession:
     ):
         self.loaded = loaded
         self.sampling = sampling
-        self.stop = (*DEFAULT_STOP_STRINGS, *stop)
+        self.stop = (*TEMPLATE.stop_strings, *stop)
         self.seed = seed
-        self.history: list[Turn] = []
+        self.conversation = Conversation()
 
     def settings(self) -> dict[str, object]:
         return {**dataclasses.asdict(self.sampling), "seed": self.seed}
@@ -78,27 +82,15 @@ class ChatSession:
     def ask(self, question: str, write: Callable[[str], None], *, context: str = "") -> Reply:
         """Stream an answer through `write` and remember the turn. Ctrl-C ends the answer early."""
         tokenizer, window = self.loaded.tokenizer, self.loaded.config.model.max_seq_length
-        prompt, dropped = encode_chat(
-            tokenizer,
-            self.history,
-            question,
-            context,
-            max_prompt_tokens=chat_prompt_budget(window, self.sampling.max_new_tokens),
+        fitted = self.conversation.prompt(
+            tokenizer, question, context, window=window, max_new_tokens=self.sampling.max_new_tokens
         )
-        # encode_chat cuts the question itself only once every earlier turn is gone.
-        cut = (
-            len(encode_prompt(tokenizer, question, context)) - len(prompt)
-            if dropped == len(self.history)
-            else 0
-        )
-        if dropped:
-            write(f"[dropped the {dropped} oldest turn(s) to fit the {window}-token context window]\n")
-        if cut > 0:
-            write(
-                f"[cut {cut} tokens from the end of the question to fit the {window}-token context window]\n"
-            )
+        if notice := fit_notice(fitted, window):
+            write(f"[{notice}]\n")
+        prompt = fitted.ids
+        epoch = self.conversation.ask(question, context)
         pieces: list[str] = []
-        reply = Reply("", "interrupted")
+        last: Chunk | None = None
         try:
             for chunk in stream(
                 self.loaded.model, tokenizer, prompt, self.sampling, stop=self.stop, seed=self.seed
@@ -106,22 +98,18 @@ class ChatSession:
                 write(chunk.text)
                 pieces.append(chunk.text)  # after writing: history keeps what was shown
                 if chunk.finish_reason:
-                    reply = Reply("", chunk.finish_reason, chunk.completion_tokens, chunk.tokens_per_sec)
+                    last = chunk
         except KeyboardInterrupt:
             pass
         answer = "".join(pieces).strip()
-        self.history.append(Turn(question, answer, context))
-        return replace(reply, text=answer)
+        self.conversation.answer(epoch, answer)
+        return Reply(answer, last)
 
 
 def _status(reply: Reply) -> str:
-    """The line after an answer: its length and speed, and why it ended when that was not its own choice."""
-    if reply.finish_reason == "interrupted":
-        return "[stopped]"
-    line = f"[{reply.completion_tokens} tokens, {reply.tokens_per_sec:.1f} tokens/s"
-    if reply.finish_reason == "length":
-        line += "; cut at max_new_tokens (/set max_new_tokens N for longer answers)"
-    return line + "]"
+    """The line after an answer, with how to lift the limit when it cut the answer short."""
+    hint = " (/set max_new_tokens N for longer answers)" if reply.finish_reason == "length" else ""
+    return f"[{answer_status(reply.last)}{hint}]"
 
 
 def run_chat(session: ChatSession, *, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> int:
@@ -164,7 +152,7 @@ def _command(session: ChatSession, command: str, rest: str) -> str:
     if command == "/help":
         return HELP
     if command == "/reset":
-        session.history.clear()
+        session.conversation.clear()
         return "[conversation cleared]"
     if command == "/settings":
         return ", ".join(f"{k}={v}" for k, v in session.settings().items())

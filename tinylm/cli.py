@@ -221,17 +221,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.prompt is None or not args.prompt.strip():
         raise _UsageError("--prompt is empty: give the instruction to answer, or use --chat")
     from tinylm.generate import stream
-    from tinylm.prompts import DEFAULT_STOP_STRINGS, chat_prompt_budget, fit_prompt
+    from tinylm.prompts import DEFAULT_STOP_STRINGS, TEMPLATE, chat_prompt_budget
 
     loaded = _load(args)
     sampling = _sampling(args, loaded.config)
     window = loaded.config.model.max_seq_length
-    prompt, cut = fit_prompt(
+    fitted = TEMPLATE.encode_chat(
         loaded.tokenizer,
+        [],
         args.prompt,
         args.context,
         max_prompt_tokens=chat_prompt_budget(window, sampling.max_new_tokens),
     )
+    prompt, cut = fitted.ids, fitted.cut_tokens
     if cut:
         print(
             f"note: the prompt has {len(prompt) + cut} tokens; cut to {len(prompt)} to leave room for the "

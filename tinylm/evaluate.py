@@ -17,7 +17,7 @@ from tinylm.distributed import World
 from tinylm.generate import Engine, generate_batch
 from tinylm.loss import lm_loss
 from tinylm.model import TinyLM
-from tinylm.prompts import DEFAULT_STOP_STRINGS, encode_prompt
+from tinylm.prompts import DEFAULT_STOP_STRINGS, TEMPLATE
 from tinylm.tokenizer import Tokenizer
 
 
@@ -84,7 +84,7 @@ def answer_records(
     answers: list[Answer] = []
     for first in range(0, len(records), batch_size):
         chunk = records[first : first + batch_size]
-        prompts = [encode_prompt(tokenizer, r.instruction, r.context, budget=budget) for r in chunk]
+        prompts = [TEMPLATE.encode_prompt(tokenizer, r.instruction, r.context, budget=budget) for r in chunk]
         done = generate_batch(model, tokenizer, prompts, greedy, stop=DEFAULT_STOP_STRINGS)
         answers += [
             Answer(r, c.text.strip(), is_correct(r, c.text)) for r, c in zip(chunk, done, strict=True)

@@ -26,15 +26,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-# Bump when the template or the truncation rule changes what tokens a record becomes: the tokenized-data
-# cache is keyed by it.
-TEMPLATE_VERSION = 1
-INSTRUCTION_HEADER = "### Instruction:\n"
-CONTEXT_HEADER = "\n\n### Context:\n"
-RESPONSE_HEADER = "\n\n### Response:\n"
-# The model may run on into a new turn instead of ending with end-of-text; front ends stop there too.
-DEFAULT_STOP_STRINGS: tuple[str, ...] = ("### Instruction:",)
-
 
 class TextTokenizer(Protocol):
     eos_id: int
@@ -58,6 +49,17 @@ class EncodedExample:
     loss_mask: list[bool]
 
 
+@dataclass(frozen=True)
+class EncodedPrompt:
+    """A prompt's ids and what fitting it into its budget took, so no front end has to work it out again."""
+
+    ids: list[int]
+    # The oldest earlier turns left out; all of them whenever the question itself had to be cut.
+    dropped_turns: int = 0
+    # Tokens cut from the end of the question's context passage, then of its instruction.
+    cut_tokens: int = 0
+
+
 def _trim(pieces: list[list[int]], excess: int, order: Sequence[int]) -> None:
     """Drop `excess` tokens from the ends of pieces, in the given order of pieces, in place."""
     for index in order:
@@ -68,38 +70,102 @@ def _trim(pieces: list[list[int]], excess: int, order: Sequence[int]) -> None:
         excess -= cut
 
 
-def encode_prompt(
-    tokenizer: TextTokenizer, instruction: str, context: str = "", *, budget: int | None = None
-) -> list[int]:
-    """Token ids of the prompt up to and including the response header, trimmed to `budget` if given."""
-    pieces = [tokenizer.encode(INSTRUCTION_HEADER), tokenizer.encode(instruction)]
-    if context.strip():
-        pieces += [tokenizer.encode(CONTEXT_HEADER), tokenizer.encode(context)]
-    pieces.append(tokenizer.encode(RESPONSE_HEADER))
-    if budget is not None:
-        # Context text first (index 3), then instruction text (index 1); headers are never cut.
-        _trim(pieces, sum(map(len, pieces)) - budget, (3, 1) if len(pieces) == 5 else (1,))
-    return [t for piece in pieces for t in piece]
+@dataclass(frozen=True)
+class PromptTemplate:
+    """The section headers a record is rendered with, the template's version and its stop strings."""
+
+    instruction_header: str = "### Instruction:\n"
+    context_header: str = "\n\n### Context:\n"
+    response_header: str = "\n\n### Response:\n"
+    # Bump when the headers or the truncation rule change what tokens a record becomes: the tokenized-data
+    # cache (and a trained BPE's) is keyed by it.
+    version: int = 1
+    # The model may run on into a new turn instead of ending with end-of-text; front ends stop there too.
+    stop_strings: tuple[str, ...] = ("### Instruction:",)
+
+    def render(self, instruction: str, context: str = "", response: str = "") -> str:
+        """The text of a record (the prompt alone when response is empty): what a BPE learns merges from."""
+        return "".join(self._texts(instruction, context)) + response
+
+    def _texts(self, instruction: str, context: str) -> list[str]:
+        """The prompt's pieces, each tokenized on its own; a blank context passage is left out."""
+        texts = [self.instruction_header, instruction]
+        if context.strip():
+            texts += [self.context_header, context]
+        return [*texts, self.response_header]
+
+    def encode_prompt(
+        self, tokenizer: TextTokenizer, instruction: str, context: str = "", *, budget: int | None = None
+    ) -> list[int]:
+        """Token ids of the prompt up to and including the response header, trimmed to `budget` if given."""
+        pieces = [tokenizer.encode(text) for text in self._texts(instruction, context)]
+        if budget is not None:
+            # Context text first (index 3), then instruction text (index 1); headers are never cut.
+            _trim(pieces, sum(map(len, pieces)) - budget, (3, 1) if len(pieces) == 5 else (1,))
+        return [t for piece in pieces for t in piece]
+
+    def encode_example(
+        self,
+        tokenizer: TextTokenizer,
+        instruction: str,
+        context: str,
+        response: str,
+        *,
+        max_seq_length: int,
+        train_on_prompt: bool = False,
+    ) -> EncodedExample:
+        """Tokens and loss mask of one training record, truncated by the rule in the module docstring."""
+        window = max_seq_length + 1
+        answer = [*tokenizer.encode(response), tokenizer.eos_id]
+        prompt = self.encode_prompt(tokenizer, instruction, context)
+        if len(prompt) + len(answer) > window:
+            budget = max(window - len(answer), window // 2)
+            prompt = self.encode_prompt(tokenizer, instruction, context, budget=budget)
+        tokens = (prompt + answer)[:window]
+        loss_mask = [train_on_prompt and i > 0 for i in range(len(prompt))]
+        loss_mask += [True] * (len(tokens) - len(prompt))
+        return EncodedExample(tokens=tokens, loss_mask=loss_mask[: len(tokens)])
+
+    def encode_chat(
+        self,
+        tokenizer: TextTokenizer,
+        history: Sequence[Turn],
+        instruction: str,
+        context: str = "",
+        *,
+        max_prompt_tokens: int | None,
+    ) -> EncodedPrompt:
+        """Prompt ids for a question after earlier turns (none for a one-shot question), fitted to
+        max_prompt_tokens (None: no limit).
+
+        The oldest turns go first; only when the question alone is too long is it cut, as training cut long
+        records: the end of the context passage, then the end of the instruction, the headers (and so the
+        closing "### Response:" that asks for the answer) always staying. Earlier answers end with
+        end-of-text, as every training response does.
+        """
+        question = self.encode_prompt(tokenizer, instruction, context)
+        if max_prompt_tokens is not None and len(question) > max_prompt_tokens:
+            cut = self.encode_prompt(tokenizer, instruction, context, budget=max_prompt_tokens)
+            return EncodedPrompt(cut, dropped_turns=len(history), cut_tokens=len(question) - len(cut))
+        turns = [
+            [
+                *self.encode_prompt(tokenizer, t.instruction, t.context),
+                *tokenizer.encode(t.response),
+                tokenizer.eos_id,
+            ]
+            for t in history
+        ]
+        dropped = 0
+        if max_prompt_tokens is not None:
+            while turns and sum(map(len, turns)) + len(question) > max_prompt_tokens:
+                turns.pop(0)
+                dropped += 1
+        return EncodedPrompt([t for turn in turns for t in turn] + question, dropped_turns=dropped)
 
 
-def encode_example(
-    tokenizer: TextTokenizer,
-    instruction: str,
-    context: str,
-    response: str,
-    *,
-    max_seq_length: int,
-    train_on_prompt: bool = False,
-) -> EncodedExample:
-    """Tokens and loss mask of one training record, truncated by the rule in the module docstring."""
-    window = max_seq_length + 1
-    answer = [*tokenizer.encode(response), tokenizer.eos_id]
-    prompt = encode_prompt(tokenizer, instruction, context)
-    if len(prompt) + len(answer) > window:
-        prompt = encode_prompt(tokenizer, instruction, context, budget=max(window - len(answer), window // 2))
-    tokens = (prompt + answer)[:window]
-    loss_mask = [train_on_prompt and i > 0 for i in range(len(prompt))] + [True] * (len(tokens) - len(prompt))
-    return EncodedExample(tokens=tokens, loss_mask=loss_mask[: len(tokens)])
+TEMPLATE = PromptTemplate()
+# The template's stop strings under the name the generation calls pass them by.
+DEFAULT_STOP_STRINGS = TEMPLATE.stop_strings
 
 
 def chat_prompt_budget(window: int, max_new_tokens: int) -> int:
@@ -109,45 +175,3 @@ def chat_prompt_budget(window: int, max_new_tokens: int) -> int:
     question's (`tinylm generate`): training, too, kept at least half the window for the prompt.
     """
     return window - max(1, min(max_new_tokens, window // 2))
-
-
-def fit_prompt(
-    tokenizer: TextTokenizer, instruction: str, context: str = "", *, max_prompt_tokens: int
-) -> tuple[list[int], int]:
-    """A one-shot prompt cut to max_prompt_tokens as training cut long records; also how many tokens went.
-
-    The end of the context passage goes first, then the end of the instruction; the headers, and so the
-    closing "### Response:" that asks for the answer, always stay.
-    """
-    whole = encode_prompt(tokenizer, instruction, context)
-    if len(whole) <= max_prompt_tokens:
-        return whole, 0
-    cut = encode_prompt(tokenizer, instruction, context, budget=max_prompt_tokens)
-    return cut, len(whole) - len(cut)
-
-
-def encode_chat(
-    tokenizer: TextTokenizer,
-    history: Sequence[Turn],
-    instruction: str,
-    context: str = "",
-    *,
-    max_prompt_tokens: int,
-) -> tuple[list[int], int]:
-    """Prompt ids for a new question after earlier turns, dropping the oldest turns to fit.
-
-    Returns the ids and how many of the oldest turns were dropped. Earlier answers end with end-of-text,
-    as every training response does.
-    """
-    current, cut = fit_prompt(tokenizer, instruction, context, max_prompt_tokens=max_prompt_tokens)
-    if cut:
-        return current, len(history)
-    turns = [
-        [*encode_prompt(tokenizer, t.instruction, t.context), *tokenizer.encode(t.response), tokenizer.eos_id]
-        for t in history
-    ]
-    dropped = 0
-    while turns and sum(map(len, turns)) + len(current) > max_prompt_tokens:
-        turns.pop(0)
-        dropped += 1
-    return [t for turn in turns for t in turn] + current, dropped

@@ -55,7 +55,7 @@ from starlette.exceptions import HTTPException
 from tinylm.checkpoint import BEST, LATEST, LoadedModel
 from tinylm.config import SamplingConfig
 from tinylm.generate import Chunk, stream_batch
-from tinylm.prompts import DEFAULT_STOP_STRINGS, TextTokenizer, Turn, encode_chat
+from tinylm.prompts import DEFAULT_STOP_STRINGS, TEMPLATE, TextTokenizer, Turn
 
 logger = logging.getLogger(__name__)
 
@@ -224,8 +224,7 @@ def chat_prompt(tokenizer: TextTokenizer, messages: Sequence[ChatMessage]) -> li
         raise APIError(400, "messages: the conversation must start with a user message", param="messages")
     history = [Turn(q, a) for (_, q), (_, a) in zip(dialogue[:-1:2], dialogue[1:-1:2], strict=True)]
     # No budget: the caller reports a prompt that does not fit instead of dropping turns silently.
-    ids, _ = encode_chat(tokenizer, history, dialogue[-1][1], context, max_prompt_tokens=1 << 62)
-    return ids
+    return TEMPLATE.encode_chat(tokenizer, history, dialogue[-1][1], context, max_prompt_tokens=None).ids
 
 
 def model_id(loaded: LoadedModel) -> str:

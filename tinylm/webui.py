@@ -11,12 +11,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -25,8 +23,9 @@ from PIL import Image
 
 from tinylm.checkpoint import CheckpointError, LoadedModel, ModelStore
 from tinylm.config import PRESETS, ModelConfig, SamplingConfig
-from tinylm.generate import Chunk, stream
-from tinylm.prompts import DEFAULT_STOP_STRINGS, Turn, chat_prompt_budget, encode_chat
+from tinylm.conversation import Conversation, answer_status, fit_notice
+from tinylm.generate import stream
+from tinylm.prompts import DEFAULT_STOP_STRINGS, Turn
 
 # Gradio reads this when a Blocks is made and at launch (telemetry and its version check).
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
@@ -146,41 +145,6 @@ def loss_curve(run_dir: Path) -> np.ndarray | None:
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
-@dataclass
-class Conversation:
-    """One tab's conversation, kept in its gr.State.
-
-    Gradio hands this same object to every event of the tab, so Clear, or a newer question, is seen at
-    once by an answer still streaming: each moves `epoch` on, and the old answer's next update is refused
-    (the answer then shows the conversation as it now is, and stops).
-    """
-
-    turns: list[Turn] = field(default_factory=list)
-    epoch: int = 0
-    # One lock for all conversations: the critical sections are a few assignments.
-    _lock: ClassVar[threading.Lock] = threading.Lock()
-
-    def ask(self, question: str, context: str) -> int:
-        """Start a turn; returns the epoch its answer must quote to `answer`."""
-        with self._lock:
-            self.epoch += 1
-            self.turns = [*self.turns, Turn(question, "", context)]
-            return self.epoch
-
-    def answer(self, epoch: int, text: str) -> bool:
-        """Set the latest turn's answer so far; False if the conversation has moved on since `ask`."""
-        with self._lock:
-            if epoch != self.epoch:
-                return False
-            self.turns[-1] = replace(self.turns[-1], response=text)
-            return True
-
-    def clear(self) -> None:
-        with self._lock:
-            self.epoch += 1
-            self.turns = []
-
-
 def _messages(turns: Sequence[Turn]) -> list[dict[str, str]]:
     """The conversation as the Chatbot shows it; a context passage is quoted under its question."""
     messages = []
@@ -192,15 +156,9 @@ def _messages(turns: Sequence[Turn]) -> list[dict[str, str]]:
     return messages
 
 
-def _status(chunk: Chunk, dropped: int, window: int) -> str:
-    why = "end of text" if chunk.finish_reason == "stop" else "max new tokens reached"
-    text = (
-        f"{chunk.completion_tokens} tokens in {chunk.seconds:.2f} s "
-        f"({chunk.tokens_per_sec:.0f} tokens/s); {why}"
-    )
-    if dropped:
-        text += f"; dropped the {dropped} oldest turn(s) to fit the {window}-token context window"
-    return text
+def _with(notice: str, status: str) -> str:
+    """The status line, after what fitting the prompt into the window left out, if anything."""
+    return f"{status}; {notice}" if notice else status
 
 
 def build_app(models: ModelStore, *, redraw_every: float = REDRAW_EVERY) -> gr.Blocks:
@@ -240,16 +198,14 @@ def build_app(models: ModelStore, *, redraw_every: float = REDRAW_EVERY) -> gr.B
         except CheckpointError as exc:
             raise gr.Error(str(exc)) from None
         window = loaded.config.model.max_seq_length
-        prompt, dropped = encode_chat(
-            loaded.tokenizer,
-            conversation.turns,
-            question,
-            context,
-            max_prompt_tokens=chat_prompt_budget(window, sampling.max_new_tokens),
+        fitted = conversation.prompt(
+            loaded.tokenizer, question, context, window=window, max_new_tokens=sampling.max_new_tokens
         )
+        notice = fit_notice(fitted, window)
+        prompt = fitted.ids
         epoch = conversation.ask(question, context)
         # The boxes empty at once; later updates leave them alone, so typing the next question is safe.
-        yield "", "", conversation, _messages(conversation.turns), "generating..."
+        yield "", "", conversation, _messages(conversation.turns), _with(notice, "generating...")
         answer = ""
         drawn = time.monotonic()
         for chunk in stream(loaded.model, loaded.tokenizer, prompt, sampling, stop=DEFAULT_STOP_STRINGS):
@@ -261,7 +217,7 @@ def build_app(models: ModelStore, *, redraw_every: float = REDRAW_EVERY) -> gr.B
                 return
             if done or time.monotonic() - drawn >= redraw_every:
                 drawn = time.monotonic()
-                report = _status(chunk, dropped, window) if done else gr.skip()
+                report = _with(notice, answer_status(chunk)) if done else gr.skip()
                 yield gr.skip(), gr.skip(), conversation, _messages(conversation.turns), report
 
     def clear_conversation(conversation: Conversation) -> tuple[Conversation, list, str]:
@@ -341,7 +297,7 @@ def build_app(models: ModelStore, *, redraw_every: float = REDRAW_EVERY) -> gr.B
             api_name="chat",
             concurrency_limit=CONCURRENT_ANSWERS,
         )
-        stop.click(lambda: "stopped", outputs=status, cancels=[answering])
+        stop.click(lambda: answer_status(None), outputs=status, cancels=[answering])
         gr.on(
             [clear.click, chatbot.clear],
             clear_conversation,

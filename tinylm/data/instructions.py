@@ -12,7 +12,7 @@ import torch
 
 from tinylm.data.sources import DataError, Record
 from tinylm.model import IGNORE_INDEX
-from tinylm.prompts import EncodedExample, TextTokenizer, encode_example
+from tinylm.prompts import TEMPLATE, EncodedExample, TextTokenizer
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ def encode_records(
     tokenizer: TextTokenizer, records: Sequence[Record], *, max_seq_length: int, train_on_prompt: bool
 ) -> list[EncodedExample]:
     return [
-        encode_example(
+        TEMPLATE.encode_example(
             tokenizer,
             r.instruction,
             r.context,

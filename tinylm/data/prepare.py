@@ -22,17 +22,10 @@ from tqdm.auto import tqdm
 from tinylm.config import Config
 from tinylm.data.cache import digest, load_or_build
 from tinylm.data.instructions import encode_records, split_records, validation_size
-from tinylm.data.sources import DataError, Record, load_records, records_fingerprint
+from tinylm.data.sources import DataError, load_records, records_fingerprint
 from tinylm.data.text import is_text_source, read_documents, split_documents, text_fingerprint, token_stream
 from tinylm.data.tokens import TokenArrays
-from tinylm.prompts import (
-    CONTEXT_HEADER,
-    DEFAULT_STOP_STRINGS,
-    INSTRUCTION_HEADER,
-    RESPONSE_HEADER,
-    TEMPLATE_VERSION,
-    encode_prompt,
-)
+from tinylm.prompts import TEMPLATE
 from tinylm.tokenizer import Tokenizer, build_tokenizer, tokenizer_from_dict
 
 log = logging.getLogger("tinylm")
@@ -67,14 +60,6 @@ def sample_prompt_budget(max_seq_length: int) -> int:
     return max(max_seq_length // 2, max_seq_length - SAMPLE_TOKENS)
 
 
-def record_text(record: Record) -> str:
-    """A record as the model will see it, so a trained BPE also learns the template's headers."""
-    prompt = f"{INSTRUCTION_HEADER}{record.instruction}"
-    if record.context.strip():
-        prompt += f"{CONTEXT_HEADER}{record.context}"
-    return f"{prompt}{RESPONSE_HEADER}{record.response}"
-
-
 def prepare_data(config: Config, *, tokenizer: Tokenizer | None = None) -> PreparedData:
     """Tokenized splits of config.data.source; `tokenizer` is given when resuming or starting from a
     checkpoint, else it is built from the config (a bpe one is trained on the training split, and cached)."""
@@ -104,7 +89,8 @@ def prepare_data(config: Config, *, tokenizer: Tokenizer | None = None) -> Prepa
             return s.train, s.val
 
         def texts() -> Iterable[str]:
-            return (record_text(r) for r in splits()[0])
+            # Records as the model will see them, so a trained BPE also learns the template's headers.
+            return (TEMPLATE.render(r.instruction, r.context, r.response) for r in splits()[0])
 
     if tokenizer is None:
         tokenizer = _build_tokenizer(config, {"source": source, "split": split}, texts)
@@ -117,7 +103,7 @@ def prepare_data(config: Config, *, tokenizer: Tokenizer | None = None) -> Prepa
         "samples": [SAMPLE_PROMPTS, SAMPLE_TOKENS, TEXT_PROMPT_TOKENS],
     }
     if not is_text:
-        key.update(template=TEMPLATE_VERSION, train_on_prompt=d.train_on_prompt)
+        key.update(template=TEMPLATE.version, train_on_prompt=d.train_on_prompt)
     build = _build_text if is_text else _build_instructions
     folder, meta = load_or_build("tokens", key, lambda out: build(out, config, tokenizer, splits))
     data = PreparedData(
@@ -125,7 +111,7 @@ def prepare_data(config: Config, *, tokenizer: Tokenizer | None = None) -> Prepa
         train=TokenArrays.load(folder, "train"),
         val=TokenArrays.load(folder, "val"),
         samples=[SamplePrompt(**s) for s in meta["samples"]],
-        stop=() if is_text else DEFAULT_STOP_STRINGS,
+        stop=() if is_text else TEMPLATE.stop_strings,
         key=folder.name,
         is_text=is_text,
     )
@@ -154,7 +140,7 @@ def _build_tokenizer(
         (out / "tokenizer.json").write_text(json.dumps(tokenizer.to_dict()))
         return {}
 
-    key = {**data_key, "bpe_vocab_size": d.bpe_vocab_size, "template": TEMPLATE_VERSION}
+    key = {**data_key, "bpe_vocab_size": d.bpe_vocab_size, "template": TEMPLATE.version}
     folder, _ = load_or_build("tokenizers", key, train)
     return tokenizer_from_dict(json.loads((folder / "tokenizer.json").read_text()))
 
@@ -174,7 +160,10 @@ def _build_instructions(out: Path, config: Config, tokenizer: Tokenizer, splits:
         TokenArrays.from_examples(examples, vocab_size=tokenizer.vocab_size).save(out, name)
     budget = sample_prompt_budget(config.model.max_seq_length)
     samples = [
-        {"text": r.instruction, "ids": encode_prompt(tokenizer, r.instruction, r.context, budget=budget)}
+        {
+            "text": r.instruction,
+            "ids": TEMPLATE.encode_prompt(tokenizer, r.instruction, r.context, budget=budget),
+        }
         for r in val[:SAMPLE_PROMPTS]
     ]
     return {"samples": samples}
