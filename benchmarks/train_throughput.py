@@ -229,33 +229,27 @@ def matmul_flops(m, *, vocab: int, positions: int, width: int, head_rows: int) -
 
 
 def run_tinylm(spec: dict[str, Any]) -> Measured:
+    """tinylm's own step, as `tinylm train` runs it: the run built from the config, then `train_step` on
+    each step's batches (which advances the state's step), timed, with the tokens and FLOPs of that step."""
     import torch
 
-    from tinylm import train
-    from tinylm.train import Trainer
+    from tinylm.runtime import keep_freed_memory
+    from tinylm.train import build_training, train_step
 
-    if not spec["keep_freed_memory"]:
-        train.keep_freed_memory = lambda: None  # glibc's default: big blocks go back to the OS on free
     config = tinylm_config(spec)
-    trainer = Trainer(config, out_dir=Path(spec["scratch"]) / "run", overwrite=True)
-    trainer.build()
-    if spec["adamw"] == "loop":
-        groups = [
-            {"params": g["params"], "weight_decay": g["weight_decay"]} for g in trainer.optimizer.param_groups
-        ]
-        trainer.optimizer = torch.optim.AdamW(
-            groups, lr=config.train.learning_rate, betas=(0.9, 0.95), foreach=False, fused=False
-        )
+    if spec["keep_freed_memory"]:
+        keep_freed_memory()  # as `tinylm train` does on CPU; without it, glibc's default
+    run = build_training(config, device=torch.device("cpu"), fused_optimizer=spec["adamw"] == "fused")
     if spec["dropout_seed"] is not None:
         torch.manual_seed(spec["dropout_seed"])
-    trainer.model.train()
-    m = config.model
+    run.state.model.train()
+    m = run.config.model
     out = Measured()
     for step in range(spec["warmup"] + spec["steps"]):
-        batches = trainer.step_batches(step)
+        assert run.state.step == step
+        batches = run.batches(step)
         started = clock()
-        loss = trainer.train_step()
-        trainer.step += 1
+        loss = train_step(run.state, batches, run.config.train, dtype=run.dtype)
         out.add_step(
             step,
             spec["warmup"],
