@@ -1,18 +1,25 @@
-"""The run folder: what may start or resume in it, and the checkpoints, config and plot it holds.
+"""The run folder: who may write in it, what may start or resume there, and the checkpoints, config and plot
+it holds.
 
-One object owns the folder's rules, so the training loop only says what happened: a new run never
-overwrites an old one unless asked; a resumed run may not change what decides the model, the data or the
+One object owns the folder's rules, so the training loop only says what happened: one run at a time
+writes there (an exclusive lock, taken before anything is written); a new run never overwrites an old one
+unless asked; a resumed run may not change what decides the model, the data or the
 order of the examples; `latest.pt`, `best_model.pt` and `checkpoint_step_N.pt` are written atomically, and
 only by the main process of a run (every process holds the same state).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import logging
 import os
 import shutil
+import socket
+import time
 from dataclasses import fields
 from pathlib import Path
+from typing import TextIO
 
 from tinylm import checkpoint as ckpt
 from tinylm.config import Config
@@ -21,11 +28,14 @@ from tinylm.state import TrainState
 from tinylm.tokenizer import Tokenizer
 from tinylm.tracking import METRICS_FILE, WANDB_ID_FILE
 
+log = logging.getLogger("tinylm")
+
+LOCK_FILE = ".lock"
 # Fields a resumed run cannot change: they decide the model, the data or the order of the examples.
 LOCKED_ON_RESUME = ("model", "data", "train.seed", "train.batch_size", "train.gradient_accumulation_steps")
 UNLOCKED_ON_RESUME = ("model.gradient_checkpointing", "data.gpt2_ranks_path")
 # What a run writes (and so what --overwrite deletes); anything else a user keeps there stays.
-RUN_FILES = ("*.pt", METRICS_FILE, "config.json", "loss.png", WANDB_ID_FILE)
+RUN_FILES = ("*.pt", METRICS_FILE, "config.json", "loss.png", WANDB_ID_FILE)  # not the lock: it is held
 RUN_FOLDERS = ("wandb", "tensorboard")
 
 
@@ -61,6 +71,48 @@ class RunFolder:
         self._tokenizer: Tokenizer | None = None
         self._data_key = ""
         self._total_steps = 0
+        self._lock: TextIO | None = None
+
+    def lock(self) -> None:
+        """Become the folder's only writer, before anything is written: a second run or resume into it fails
+        at once naming the holder. The operating system releases the lock when its process ends, however it
+        ends; a holder that died leaves only its name behind, and the next run takes over with a note.
+        Readers (generate, chat, serve, eval, plot) never take it: every checkpoint is replaced atomically."""
+        if not self.writer or self._lock is not None:
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        handle = (self.path / LOCK_FILE).open("a+", encoding="utf-8")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise RunFolderError(
+                f"{self.path} is in use by {holder}: wait for that run to end (or stop it), or choose another "
+                "--out"
+            ) from None
+        handle.seek(0)
+        left = handle.read().strip()
+        if left:
+            log.info("note: %s was left locked by %s, which has ended; taking it over", self.path, left)
+        handle.seek(0)
+        handle.truncate()
+        started = time.strftime("%Y-%m-%d %H:%M:%S")
+        handle.write(f"process {os.getpid()} on {socket.gethostname()} (since {started})\n")
+        handle.flush()
+        self._lock = handle
+
+    def unlock(self) -> None:
+        """Release the folder: an empty lock file says the last writer ended cleanly."""
+        if self._lock is None:
+            return
+        self._lock.seek(0)
+        self._lock.truncate()
+        self._lock.flush()
+        fcntl.flock(self._lock, fcntl.LOCK_UN)
+        self._lock.close()
+        self._lock = None
 
     def prepare_new_run(self, *, overwrite: bool) -> None:
         """Refuse to start over an existing run, unless `overwrite`: then delete what a run writes."""

@@ -137,24 +137,32 @@ def plan_run(
             )
         RunFolder.check_resume(start.path, start.loaded.config, config)
         folder = RunFolder(start.path.parent, writer=world.is_main)
+        folder.lock()
         return RunPlan(config, folder, world, device, start, resuming=True)
     if out_dir is None:
         raise TrainingError("no run folder: give out_dir (--out)")
     folder = RunFolder(out_dir, writer=world.is_main)
-    folder.prepare_new_run(overwrite=overwrite)
-    if init_from is None:
-        return RunPlan(config, folder, world, device)
-    start = (
-        init_from if isinstance(init_from, StartCheckpoint) else StartCheckpoint.read(init_from, resume=False)
-    )
-    # The architecture and tokenizer are the checkpoint's; dropout and checkpointing are this run's.
-    model = replace(
-        start.loaded.config.model,
-        dropout=config.model.dropout,
-        gradient_checkpointing=config.model.gradient_checkpointing,
-    )
-    data = replace(config.data, tokenizer=start.loaded.config.data.tokenizer)
-    config = replace(config, model=model, data=data).validate()
+    folder.lock()
+    try:
+        folder.prepare_new_run(overwrite=overwrite)
+        if init_from is None:
+            return RunPlan(config, folder, world, device)
+        start = (
+            init_from
+            if isinstance(init_from, StartCheckpoint)
+            else StartCheckpoint.read(init_from, resume=False)
+        )
+        # The architecture and tokenizer are the checkpoint's; dropout and checkpointing are this run's.
+        model = replace(
+            start.loaded.config.model,
+            dropout=config.model.dropout,
+            gradient_checkpointing=config.model.gradient_checkpointing,
+        )
+        data = replace(config.data, tokenizer=start.loaded.config.data.tokenizer)
+        config = replace(config, model=model, data=data).validate()
+    except BaseException:
+        folder.unlock()
+        raise
     log.info("starting from the weights and tokenizer of %s (step %d)", start.path, start.step)
     return RunPlan(config, folder, world, device, start)
 
@@ -370,6 +378,7 @@ def train(
             plan.world.barrier()
         return result
     finally:
+        plan.folder.unlock()
         plan.world.close()
 
 
