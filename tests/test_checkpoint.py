@@ -140,3 +140,38 @@ def test_an_impossible_saved_config_is_refused_naming_the_field(tmp_path, tiny_c
     with pytest.raises(CheckpointError, match=r"model\.n_heads"):
         load_model(path)
     assert issubclass(CheckpointError, RuntimeError) and not issubclass(CheckpointError, ConfigError)
+
+
+def damage_the_middle(path) -> None:
+    """Zero 4 KB in the middle of the file, as a bad disk or a broken copy would."""
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 4096] = bytes(4096)
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_checkpoint_is_refused_naming_the_file_and_the_damaged_record(tmp_path, tiny_config):
+    tokenizer = ByteTokenizer()
+    model = build_model(tiny_config, tokenizer.vocab_size)
+    path = save_checkpoint(tmp_path / "m.pt", model=model, config=tiny_config, tokenizer=tokenizer, step=1)
+    damage_the_middle(path)
+    with pytest.raises(CheckpointError, match=r"m\.pt: damaged: its record .* fails its checksum"):
+        load_model(path)
+
+
+def test_resume_of_a_damaged_latest_names_the_intact_checkpoint_and_uses_it_only_when_asked(
+    tmp_path, capsys, tiny_set_args
+):
+    from tinylm.cli import main
+
+    args = ["train", *tiny_set_args, "--quiet", "--data", "synthetic", "--set", "save_interval=2"]
+    assert main([*args, "--set", "max_steps=4", "--out", str(tmp_path)]) == 0
+    damage_the_middle(tmp_path / "latest.pt")
+    damage_the_middle(tmp_path / "checkpoint_step_4.pt")
+    capsys.readouterr()
+    assert main(["train", "--resume", str(tmp_path), "--set", "max_steps=6"]) == 2
+    line = capsys.readouterr().err.strip()
+    intact = tmp_path / "checkpoint_step_2.pt"
+    assert line.startswith(f"error: {tmp_path / 'latest.pt'}: damaged") and f"--resume {intact}" in line
+    assert main(["train", "--resume", str(intact), "--set", "max_steps=6"]) == 0
+    assert read_checkpoint(tmp_path / "latest.pt")[1]["step"] == 6

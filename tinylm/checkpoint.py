@@ -10,6 +10,8 @@ import os
 import re
 import tempfile
 import threading
+import zipfile
+import zlib
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -155,9 +157,26 @@ def find_checkpoints(path: str | Path) -> list[Path]:
     return found
 
 
+def damage(path: Path) -> str | None:
+    """What is damaged in a checkpoint file, or None when it is whole.
+
+    A checkpoint is a zip container whose every record carries a CRC-32 of its bytes; torch.load does not
+    check them, so a file changed after it was written (a bad disk, a copy cut short) would load silently.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error) as exc:
+        return f"not a readable checkpoint (truncated or corrupt?): {exc}"
+    return None if bad is None else f"damaged: its record {bad} fails its checksum"
+
+
 def read_checkpoint(path: str | Path) -> tuple[Path, dict[str, Any]]:
-    """Load and validate the raw checkpoint dictionary (tensors on CPU)."""
+    """Verify, load and validate the raw checkpoint dictionary (tensors on CPU)."""
     path = resolve_checkpoint_path(path)
+    problem = damage(path)
+    if problem is not None:
+        raise CheckpointError(f"{path}: {problem}")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:

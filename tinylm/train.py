@@ -83,14 +83,33 @@ class StartCheckpoint:
     @classmethod
     def read(cls, path: str | Path, *, resume: bool) -> StartCheckpoint:
         """`resume`: a run folder means its latest.pt; otherwise its best model, as for generation."""
-        path = ckpt.resume_checkpoint_path(path) if resume else ckpt.resolve_checkpoint_path(path)
-        path, payload = ckpt.read_checkpoint(path)
+        asked = Path(path)
+        path = ckpt.resume_checkpoint_path(asked) if resume else ckpt.resolve_checkpoint_path(asked)
+        try:
+            path, payload = ckpt.read_checkpoint(path)
+        except ckpt.CheckpointError as exc:
+            intact = _newest_intact_step_checkpoint(asked) if resume and asked.is_dir() else None
+            if intact is None:
+                raise
+            raise ckpt.CheckpointError(
+                f"{exc}. The newest intact checkpoint is {intact}: resume from it with --resume {intact}"
+            ) from None
         loaded = ckpt.model_from_payload(path, payload)
         return cls(loaded, payload.get("step", 0), payload.get("train_state") or None)
 
     @property
     def path(self) -> Path:
         return self.loaded.path
+
+
+def _newest_intact_step_checkpoint(folder: Path) -> Path | None:
+    """The run folder's checkpoint_step_N.pt of the highest N whose file is whole, if any."""
+
+    def step(path: Path) -> int:
+        return int(path.stem.rpartition("_")[2])
+
+    saved = [p for p in folder.glob("checkpoint_step_*.pt") if p.stem.rpartition("_")[2].isdigit()]
+    return next((p for p in sorted(saved, key=step, reverse=True) if ckpt.damage(p) is None), None)
 
 
 @dataclass(frozen=True)
