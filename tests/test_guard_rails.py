@@ -134,3 +134,13 @@ def test_a_run_that_overfits_says_so_and_stops_early(tmp_path, make_config, capl
     best = ckpt.load_model(tmp_path / ckpt.BEST)
     assert math.isclose(best.info["best_val_loss"], result.best_val_loss)
     assert ckpt.read_checkpoint(tmp_path / ckpt.LATEST)[1]["step"] == result.step
+
+
+def test_a_window_that_leaves_no_target_fails_before_training_naming_max_seq_length(
+    tmp_path, tiny_set_args, capsys
+):
+    args = ["train", *tiny_set_args, "--quiet", "--data", "synthetic", "--out", str(tmp_path)]
+    assert main([*args, "--set", "max_seq_length=2"]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("error: no training example keeps a token to learn at model.max_seq_length = 2")
+    assert not list(tmp_path.glob("*.pt")) and not (tmp_path / "metrics.jsonl").exists()

@@ -435,6 +435,12 @@ def build_training(
     seed_everything(config.train.seed)
     with world.local_main_first():  # one process per machine tokenizes; the others read its cache
         data = prepare_data(config, tokenizer=start.loaded.tokenizer if start else None)
+    mask = data.train.mask
+    if len(data.train) == 0 or (mask is not None and not mask.any()):
+        raise TrainingError(
+            f"no training example keeps a token to learn at model.max_seq_length = {config.model.max_seq_length}"
+            ": the prompts fill the whole window; raise max_seq_length (--set max_seq_length=N)"
+        )
     c = replace(config, model=replace(config.model, vocab_size=data.tokenizer.vocab_size))
     per_epoch = steps_per_epoch(len(data.train), c.train)
     total_steps = c.train.epochs * per_epoch
