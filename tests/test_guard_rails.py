@@ -144,3 +144,11 @@ def test_a_window_that_leaves_no_target_fails_before_training_naming_max_seq_len
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith("error: no training example keeps a token to learn at model.max_seq_length = 2")
     assert not list(tmp_path.glob("*.pt")) and not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_a_run_too_big_for_the_memory_is_refused_before_anything_is_built(tmp_path, tiny_set_args, capsys):
+    args = ["train", *tiny_set_args, "--quiet", "--data", "synthetic", "--out", str(tmp_path)]
+    assert main([*args, "--set", "n_layers=10000000"]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("error: this run needs about ") and "lower model.n_layers (now 10000000)" in line
+    assert not list(tmp_path.glob("*.pt"))

@@ -5,7 +5,7 @@ import torch
 
 from tinylm.config import ModelConfig, preset
 from tinylm.loss import lm_loss
-from tinylm.model import IGNORE_INDEX, KVCache, TinyLM
+from tinylm.model import IGNORE_INDEX, KVCache, TinyLM, parameter_count
 
 GPT2_VOCAB = 50257
 
@@ -30,17 +30,6 @@ def test_changing_a_later_token_leaves_earlier_logits_unchanged(t):
     assert not torch.equal(before[:, t + 1], after[:, t + 1])
 
 
-def expected_parameters(config: ModelConfig) -> int:
-    """Counted by hand from the architecture, independently of the model code."""
-    V, d, dff = config.vocab_size, config.d_model, config.d_ff
-    attention = 4 * d * d + 4 * d  # qkv (d -> 3d) and output projection (d -> d), with biases
-    feed_forward = 2 * d * dff + dff + d  # up and down projections, with biases
-    norms = 2 * 2 * d  # two LayerNorms, weight and bias each
-    block = attention + feed_forward + norms
-    head = 0 if config.tie_weights else d * V + V
-    return V * d + config.n_layers * block + 2 * d + head
-
-
 # The four figures, written out so a change to the architecture shows up as a changed number here.
 @pytest.mark.parametrize(
     ("name", "tied", "count"),
@@ -49,7 +38,7 @@ def expected_parameters(config: ModelConfig) -> int:
 def test_parameter_counts_of_the_presets(name, tied, count):
     config = ModelConfig(**{**preset(name).model.__dict__, "tie_weights": tied})
     assert config.vocab_size == GPT2_VOCAB
-    assert expected_parameters(config) == count
+    assert parameter_count(config) == count  # known before anything is built
     with torch.device("meta"):  # shapes only: no memory, no initialisation cost
         model = TinyLM(config)
     assert model.num_parameters() == count

@@ -81,14 +81,18 @@ def test_ctrl_c_mid_accumulation_saves_the_step_and_resume_matches_bit_for_bit(
     assert metrics(tmp_path) == uninterrupted  # bit-identical losses, evaluations and samples, each step once
 
 
-def test_second_ctrl_c_mid_accumulation_stops_at_once_and_resume_matches_bit_for_bit(
-    tmp_path, make_config, monkeypatch, uninterrupted
+@pytest.mark.parametrize(
+    "signals",
+    [(signal.SIGINT, signal.SIGINT), (signal.SIGTERM, signal.SIGTERM), (signal.SIGTERM, signal.SIGINT)],
+)
+def test_a_second_signal_mid_accumulation_stops_at_once_and_resume_matches_bit_for_bit(
+    tmp_path, make_config, monkeypatch, uninterrupted, signals
 ):
     config = resumable_config(make_config)
 
     def press_twice():
-        os.kill(os.getpid(), signal.SIGINT)
-        os.kill(os.getpid(), signal.SIGINT)
+        for sig in signals:
+            os.kill(os.getpid(), sig)
 
     interrupt_during(monkeypatch, call=16 + 3 + 2, action=press_twice)  # the 2nd micro-batch of step 8
     first = train(config, out_dir=tmp_path, progress_bar=False)

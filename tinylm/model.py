@@ -215,3 +215,12 @@ class TinyLM(nn.Module):
                 idx, cache=cache, attention_mask=attention_mask, positions=positions, segments=segments
             )
         )
+
+
+def parameter_count(config: ModelConfig) -> int:
+    """The parameters of TinyLM(config), from its shapes alone: what a run needs is known before it builds
+    anything (tests check it against the built model)."""
+    d, ff, V = config.d_model, config.d_ff, config.vocab_size
+    block = 2 * 2 * d + (3 * d * d + 3 * d) + (d * d + d) + (d * ff + ff) + (ff * d + d)
+    head = 0 if config.tie_weights else V * d + V
+    return V * d + config.n_layers * block + 2 * d + head

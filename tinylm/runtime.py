@@ -89,6 +89,23 @@ def memory_budget(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 8
 
 
+def available_memory(device: torch.device) -> int:
+    """Bytes a new run may take on `device` now: free device memory, or on a CPU the memory the operating
+    system reports as available (all of it where it reports none)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "mps":
+        return torch.mps.recommended_max_memory()
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def fit_micro_batch(rows: int, bytes_per_row: int, device: torch.device) -> int:
     """The most rows (at most all `rows` of a step) whose activations fit `memory_budget`, at least one."""
     return max(1, min(rows, memory_budget(device) // max(bytes_per_row, 1)))

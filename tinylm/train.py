@@ -34,12 +34,13 @@ from tinylm.distributed import World
 from tinylm.evaluate import Evaluator
 from tinylm.generate import Engine
 from tinylm.loss import lm_loss
-from tinylm.model import TinyLM
+from tinylm.model import TinyLM, parameter_count
 from tinylm.prompts import EncodedExample
 from tinylm.run_folder import RunFolder
 from tinylm.runtime import (
     activation_bytes_per_row,
     autocast,
+    available_memory,
     fit_micro_batch,
     keep_freed_memory,
     seed_everything,
@@ -340,8 +341,8 @@ class StepLog:
 
 
 class StopRequest:
-    """Ctrl-C (or SIGTERM, as schedulers send) asks the run to stop after the step under way; a second
-    Ctrl-C raises KeyboardInterrupt at once. Under torchrun the processes agree before each step, so one
+    """Ctrl-C (or SIGTERM, as schedulers send) asks the run to stop after the step under way; a second one of
+    either raises KeyboardInterrupt at once. Under torchrun the processes agree before each step, so one
     interrupted process stops them all after the same step."""
 
     def __init__(self, state: TrainState, world: World):
@@ -354,11 +355,15 @@ class StopRequest:
             yield self
             return
 
+        def stop_now(signum: int, frame: object) -> None:
+            raise KeyboardInterrupt
+
         def request_stop(signum: int, frame: object) -> None:
             self.reason = "interrupted"
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, stop_now)
             name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-            log.info("%s: stopping after step %d (Ctrl-C again stops at once)", name, self.state.step + 1)
+            log.info("%s: stopping after step %d (a second one stops at once)", name, self.state.step + 1)
 
         previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
@@ -446,6 +451,12 @@ def build_training(
     total_steps = c.train.epochs * per_epoch
     if c.train.max_steps is not None:
         total_steps = min(total_steps, c.train.max_steps)
+    micro_rows = c.train.micro_batch_size or fit_micro_batch(
+        c.train.batch_size * c.train.gradient_accumulation_steps,
+        activation_bytes_per_row(c.model, checkpointing=c.model.gradient_checkpointing),
+        device,
+    )
+    check_memory(c, micro_rows=micro_rows, device=device)
     state = TrainState.create(
         c.model,
         c.train,
@@ -454,17 +465,35 @@ def build_training(
         weights=start.loaded.model.state_dict() if start else None,
         fused_optimizer=fused_optimizer,
     )
-    micro_rows = c.train.micro_batch_size or fit_micro_batch(
-        c.train.batch_size * c.train.gradient_accumulation_steps,
-        activation_bytes_per_row(c.model, checkpointing=c.model.gradient_checkpointing),
-        device,
-    )
     if c.train.compile:
         for block in state.model.blocks:
             block.compile(dynamic=True)
     batches = StepBatches(data.train, c, pad_id=data.tokenizer.eos_id, micro_rows=micro_rows, world=world)
     dtype = training_dtype(device, c.train.precision)
     return Training(c, data, state, batches, dtype, per_epoch, total_steps)
+
+
+def check_memory(config: Config, *, micro_rows: int, device: torch.device) -> None:
+    """Refuse, before anything is built, a run whose estimated memory exceeds what `device` has available:
+    float32 weights, gradients and AdamW's two moments, the activations of a micro-batch, and the output
+    layer's logits (a chunk of rows at a time, or every counted position at once)."""
+    m, t = config.model, config.train
+    params = parameter_count(m)
+    state = 4 * 4 * params
+    activations = micro_rows * activation_bytes_per_row(m, checkpointing=m.gradient_checkpointing)
+    logit_rows = t.loss_chunk_size or micro_rows * m.max_seq_length
+    need = state + activations + 2 * 4 * logit_rows * m.vocab_size
+    have = available_memory(device)
+    if need <= have:
+        return
+    gib = 2**30
+    raise TrainingError(
+        f"this run needs about {need / gib:,.1f} GiB (weights, gradients and AdamW state of {params:,} "
+        f"parameters: {state / gib:,.1f} GiB; activations at micro-batch {micro_rows}: "
+        f"{activations / gib:,.1f} GiB) but {device.type} has {have / gib:,.1f} GiB available: lower "
+        f"model.n_layers (now {m.n_layers}), model.d_model (now {m.d_model}), model.d_ff (now {m.d_ff}) or "
+        f"train.micro_batch_size (now {micro_rows})"
+    )
 
 
 def _run(plan: RunPlan, *, progress_bar: bool | None) -> tuple[TrainResult, bool]:
