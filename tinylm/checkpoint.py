@@ -46,18 +46,31 @@ class LoadedModel:
 def atomic_torch_save(obj: Any, path: Path) -> None:
     """Write to a temporary file beside `path`, flush it to disk, then rename over it.
 
-    A crash at any moment leaves either the old file or the new one, never a half-written one.
+    A crash at any moment leaves either the old file or the new one, never a half-written one. A write that
+    fails (a full disk, a folder that cannot be written) is a CheckpointError naming the file; the old file
+    stays as it was.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp: str | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # torch's zip writer reports a full disk as a RuntimeError
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.strerror:
+            reason = exc.strerror
+        else:
+            reason = f"the write failed, is the disk full? ({str(exc).splitlines()[0]})"
+        kept = " (the previous one is kept)" if path.exists() else ""
+        raise CheckpointError(f"{path}: could not be written: {reason}{kept}") from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_folder(path.parent)
 
@@ -204,8 +217,11 @@ def model_from_payload(
     try:
         config = config_from_dict(payload["config"], origin=str(path))
         tokenizer = tokenizer_from_dict(payload["tokenizer"])
-    except (ConfigError, TokenizerError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{path}: damaged config or tokenizer: {exc}") from None
+    except (ConfigError, TokenizerError, KeyError, TypeError, AttributeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: damaged config or tokenizer: {exc!r}") from None
+    step = payload.get("step", 0)
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise CheckpointError(f"{path}: damaged: its step is {step!r}, not a whole number")
     model = TinyLM(config.model)
     try:
         model.load_state_dict(payload["model"])
@@ -214,7 +230,7 @@ def model_from_payload(
             f"{path}: weights do not fit the model in its config: {str(exc).splitlines()[0]}"
         ) from None
     model.to(device).eval()
-    info = dict(payload.get("info") or {}, step=payload.get("step", 0))
+    info = dict(payload.get("info") or {}, step=step)
     return LoadedModel(model=model, config=config, tokenizer=tokenizer, path=path, info=info)
 
 

@@ -11,6 +11,25 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
+
+
+def _bounded_int(text: str, lowest: int, highest: int, what: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not lowest <= value <= highest:
+        raise argparse.ArgumentTypeError(f"{value} is not a {what} ({lowest} to {highest})")
+    return value
+
+
+def _port(text: str) -> int:
+    return _bounded_int(text, 0, 65535, "port number")
+
+
+def _seed(text: str) -> int:
+    return _bounded_int(text, 0, 2**63 - 1, "seed")
 
 
 def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
@@ -28,11 +47,18 @@ def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--stop", action="append", default=[], metavar="TEXT", help="stop at this text (repeatable)"
     )
-    group.add_argument("--seed", type=int, help="make a sampled answer reproducible")
+    group.add_argument("--seed", type=_seed, help="make a sampled answer reproducible")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one `error:` line naming the command and the argument (usage: --help)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="tinylm", description="Train a small GPT-style language model, then talk to it."
     )
     sub = parser.add_subparsers(dest="command", required=True)
@@ -106,7 +132,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "--checkpoint", required=True, metavar="PATH", help="a checkpoint, a run folder or a folder of runs"
     )
     ui.add_argument("--host", default="127.0.0.1", help="address to serve on (default: this machine only)")
-    ui.add_argument("--port", type=int, default=7860, help="default 7860")
+    ui.add_argument("--port", type=_port, default=7860, help="default 7860")
     ui.add_argument("--share", action="store_true", help="also make a public link through Gradio's servers")
     ui.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP API for trained models")
@@ -116,7 +142,7 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--host", default="127.0.0.1", help="default 127.0.0.1; 0.0.0.0 opens it to the network"
     )
-    serve.add_argument("--port", type=int, default=8000, help="default 8000")
+    serve.add_argument("--port", type=_port, default=8000, help="default 8000")
     serve.add_argument("--api-key", metavar="KEY", help="require this key (default: $TINYLM_API_KEY if set)")
     serve.add_argument(
         "--max-batch-size",
@@ -384,6 +410,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     """The errors that mean "fix your input", shown as one line instead of a traceback."""
     from tinylm.checkpoint import CheckpointError
     from tinylm.config import ConfigError
+    from tinylm.data.cache import CacheError
     from tinylm.data.sources import DataError
     from tinylm.plot import PlotError
     from tinylm.run_folder import RunFolderError
@@ -392,6 +419,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from tinylm.train import TrainingError
 
     return (
+        CacheError,
         CheckpointError,
         ConfigError,
         DataError,

@@ -142,6 +142,7 @@ class Config:
                 "must be between 0 and train.learning_rate",
             ),
             (t.warmup_steps >= 0, "train.warmup_steps", "must not be negative"),
+            (0 <= t.seed < 2**32, "train.seed", "must be between 0 and 2**32 - 1 (NumPy's seed range)"),
             (t.weight_decay >= 0, "train.weight_decay", "must not be negative"),
             (t.grad_clip >= 0, "train.grad_clip", "must not be negative (0 turns clipping off)"),
             (t.eval_interval > 0, "train.eval_interval", "must be positive"),

@@ -80,8 +80,12 @@ class RunFolder:
         Readers (generate, chat, serve, eval, plot) never take it: every checkpoint is replaced atomically."""
         if not self.writer or self._lock is not None:
             return
-        self.path.mkdir(parents=True, exist_ok=True)
-        handle = (self.path / LOCK_FILE).open("a+", encoding="utf-8")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            handle = (self.path / LOCK_FILE).open("a+", encoding="utf-8")
+        except OSError as exc:
+            why = "it is a file, not a folder" if self.path.is_file() else exc.strerror
+            raise RunFolderError(f"--out {self.path}: cannot write a run there ({why})") from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

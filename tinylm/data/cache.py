@@ -25,6 +25,10 @@ VERSION = 1
 META = "meta.json"
 
 
+class CacheError(RuntimeError):
+    """The cache folder cannot be written; the message names it and how to choose another."""
+
+
 def cache_root() -> Path:
     """$TINYLM_CACHE, else $XDG_CACHE_HOME/tinylm, else ~/.cache/tinylm."""
     if os.environ.get(CACHE_ENV):
@@ -47,8 +51,14 @@ def load_or_build(
     folder = cache_root() / kind / name
     if (folder / META).is_file():
         return folder, json.loads((folder / META).read_text())["meta"]
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    building = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=folder.parent))
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        building = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=folder.parent))
+    except OSError as exc:
+        raise CacheError(
+            f"the data cache {cache_root()} cannot be written ({exc.strerror}): set {CACHE_ENV} to a "
+            "writable folder"
+        ) from None
     try:
         meta = build(building)
         (building / META).write_text(json.dumps({"key": key, "meta": meta}, default=str))
