@@ -25,7 +25,7 @@ import uvicorn
 from tinylm.checkpoint import LoadedModel, load_model, save_checkpoint
 from tinylm.cli import main
 from tinylm.config import Config
-from tinylm.generate import complete
+from tinylm.generate import Engine
 from tinylm.model import TinyLM
 from tinylm.prompts import DEFAULT_STOP_STRINGS, encode_prompt
 from tinylm.server import ChatMessage, chat_prompt, create_app, listen
@@ -101,7 +101,7 @@ def reference(
     """What the library itself answers: the server must say exactly this."""
     options = replace(loaded.config.sampling, max_new_tokens=max_tokens, **sampling)
     stop = DEFAULT_STOP_STRINGS if chat else ()
-    return complete(loaded.model, loaded.tokenizer, prompt, options, stop=stop, seed=seed)
+    return Engine(loaded.model, loaded.tokenizer).complete(prompt, options, stop=stop, seed=seed)
 
 
 def chat_ids(loaded: LoadedModel, question: str) -> list[int]:

@@ -1,4 +1,4 @@
-"""The terminal chat: a thin loop over `generate.stream` on the model's own prompt template."""
+"""The terminal chat: a thin loop over `Engine.stream` on the model's own prompt template."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import TextIO
 
 from tinylm.checkpoint import LoadedModel
 from tinylm.config import ConfigError, SamplingConfig, apply_overrides
-from tinylm.generate import stream
+from tinylm.generate import Engine
 from tinylm.prompts import DEFAULT_STOP_STRINGS, Turn, chat_prompt_budget, encode_chat, encode_prompt
 
 HELP = """commands:
@@ -47,6 +47,7 @@ class ChatSession:
         seed: int | None = None,
     ):
         self.loaded = loaded
+        self.engine = Engine(loaded.model, loaded.tokenizer)
         self.sampling = sampling
         self.stop = (*DEFAULT_STOP_STRINGS, *stop)
         self.seed = seed
@@ -100,9 +101,7 @@ class ChatSession:
         pieces: list[str] = []
         reply = Reply("", "interrupted")
         try:
-            for chunk in stream(
-                self.loaded.model, tokenizer, prompt, self.sampling, stop=self.stop, seed=self.seed
-            ):
+            for chunk in self.engine.stream(prompt, self.sampling, stop=self.stop, seed=self.seed):
                 write(chunk.text)
                 pieces.append(chunk.text)  # after writing: history keeps what was shown
                 if chunk.finish_reason:

@@ -12,10 +12,9 @@ from tinylm.config import SamplingConfig
 from tinylm.data.sources import Record
 from tinylm.data.tokens import TokenArrays
 from tinylm.distributed import World
-from tinylm.generate import generate_batch
+from tinylm.generate import Engine
 from tinylm.model import TinyLM, lm_loss
 from tinylm.prompts import DEFAULT_STOP_STRINGS, encode_prompt
-from tinylm.tokenizer import Tokenizer
 
 
 @torch.no_grad()
@@ -67,8 +66,7 @@ class Answer:
 
 
 def answer_records(
-    model: TinyLM,
-    tokenizer: Tokenizer,
+    engine: Engine,
     records: Sequence[Record],
     *,
     is_correct: Callable[[Record, str], bool],
@@ -77,12 +75,12 @@ def answer_records(
 ) -> list[Answer]:
     """Greedy answers to held-out prompts, in batches, each judged by `is_correct`."""
     greedy = replace(SamplingConfig(), temperature=0.0, max_new_tokens=max_new_tokens)
-    budget = model.config.max_seq_length - max_new_tokens
+    budget = engine.model.config.max_seq_length - max_new_tokens
     answers: list[Answer] = []
     for first in range(0, len(records), batch_size):
         chunk = records[first : first + batch_size]
-        prompts = [encode_prompt(tokenizer, r.instruction, r.context, budget=budget) for r in chunk]
-        done = generate_batch(model, tokenizer, prompts, greedy, stop=DEFAULT_STOP_STRINGS)
+        prompts = [encode_prompt(engine.tokenizer, r.instruction, r.context, budget=budget) for r in chunk]
+        done = engine.generate_batch(prompts, greedy, stop=DEFAULT_STOP_STRINGS)
         answers += [
             Answer(r, c.text.strip(), is_correct(r, c.text)) for r, c in zip(chunk, done, strict=True)
         ]
