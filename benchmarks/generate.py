@@ -27,20 +27,21 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.utils import logging as hf_logging
 
 from tinylm.config import ModelConfig, SamplingConfig, preset
-from tinylm.generate import generate_ids
+from tinylm.generate import Engine
 from tinylm.model import TinyLM
+from tinylm.tokenizer import ByteTokenizer
 
 PROMPT_TOKENS = 16
 NEW_TOKENS = 100
 
 
 def tinylm_runner(config: ModelConfig, prompts: torch.Tensor) -> Callable[[], int]:
-    model = TinyLM(config).eval()
+    engine = Engine(TinyLM(config).eval(), ByteTokenizer())  # token ids only: the tokenizer is never asked
     greedy = SamplingConfig(temperature=0.0, max_new_tokens=NEW_TOKENS)
     rows = prompts.tolist()
 
     def run() -> int:
-        return sum(int(t.numel()) for t in generate_ids(model, rows, greedy))
+        return sum(int(t.numel()) for t in engine.generate_ids(rows, greedy))
 
     return run
 

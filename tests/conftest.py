@@ -31,6 +31,7 @@ os.environ.update(OFFLINE_ENV)
 import torch  # noqa: E402
 
 from tinylm.config import Config, DataConfig, ModelConfig, SamplingConfig, TrainConfig  # noqa: E402
+from tinylm.generate import Engine  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -227,23 +228,49 @@ def webui_url(scripted_run):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    # Redrawn on every piece of text, so the tests see each step of the streaming.
-    app = build_app(ModelStore(find_checkpoints(scripted_run.folder)), redraw_every=0)
+    # Each checkpoint opens with a RecordingEngine, and every piece of text is redrawn, so the tests see what
+    # the page asks for and each step of the streaming.
+    models = ModelStore(find_checkpoints(scripted_run.folder), open=RecordingEngine)
+    app = build_app(models, redraw_every=0)
     yield launch(app, port=port, block=False)
     app.close()
 
 
+# What the web page's engines were asked to stream, in order: (prompt ids, sampling) per answer.
+_STREAMED: list[tuple[list[int], SamplingConfig]] = []
+
+
+class RecordingEngine(Engine):
+    """An Engine that notes every (prompt ids, sampling) it is asked to stream."""
+
+    def stream(self, prompt_ids, sampling, **options):
+        _STREAMED.append((list(prompt_ids), sampling))
+        return super().stream(prompt_ids, sampling, **options)
+
+
 @pytest.fixture
-def generations(monkeypatch) -> list[tuple[list[int], SamplingConfig]]:
-    """Every (prompt ids, sampling) the web page hands to generate.stream during one test."""
-    from tinylm import webui
+def generations() -> list[tuple[list[int], SamplingConfig]]:
+    """Every (prompt ids, sampling) the web page (webui_url) hands to its engines' stream during one test."""
+    _STREAMED.clear()
+    return _STREAMED
 
-    calls: list[tuple[list[int], SamplingConfig]] = []
-    real = webui.stream
 
-    def recording(model, tokenizer, prompt_ids, sampling, **options):
-        calls.append((list(prompt_ids), sampling))
-        return real(model, tokenizer, prompt_ids, sampling, **options)
+@pytest.fixture(scope="session")
+def random_model():
+    """`random_model(seed=0, **overrides)`: a new random 2-layer, 32-wide byte-level model with a 16-token
+    window, in eval mode; answers of a few dozen tokens slide its window several times."""
+    from tinylm.model import TinyLM
 
-    monkeypatch.setattr(webui, "stream", recording)
-    return calls
+    def make(seed: int = 0, **overrides: object) -> TinyLM:
+        torch.manual_seed(seed)
+        config = ModelConfig(
+            vocab_size=257, d_model=32, n_heads=2, n_layers=2, d_ff=64, max_seq_length=16, dropout=0.0
+        )
+        model = TinyLM(replace(config, **overrides)).eval()
+        with torch.no_grad():  # weights far larger than the usual init, so answers vary instead of repeating
+            for param in model.parameters():
+                if param.dim() > 1:
+                    param.normal_(0.0, 0.3)
+        return model
+
+    return make

@@ -12,7 +12,6 @@ from dataclasses import replace
 
 import pytest
 
-from tinylm import chat
 from tinylm.chat import ChatSession, run_chat
 from tinylm.checkpoint import load_model
 from tinylm.generate import Chunk
@@ -80,13 +79,13 @@ def test_set_seed_and_end_of_input_without_exit(session):
 
 def test_earlier_turns_are_in_the_prompt_until_the_window_is_full(session, monkeypatch):
     prompts: list[list[int]] = []
-    real = chat.stream
+    real = session.engine.stream
 
-    def recording(model, tokenizer, prompt_ids, sampling, **options):
+    def recording(prompt_ids, sampling, **options):
         prompts.append(list(prompt_ids))
-        return real(model, tokenizer, prompt_ids, sampling, **options)
+        return real(prompt_ids, sampling, **options)
 
-    monkeypatch.setattr(chat, "stream", recording)
+    monkeypatch.setattr(session.engine, "stream", recording)
     questions = [f"question number {i}?" for i in range(6)]
     out = chat_through(session, "".join(q + "\n" for q in questions) + "/exit\n")
     tokenizer = session.loaded.tokenizer
@@ -114,7 +113,7 @@ def test_ctrl_c_in_the_middle_of_an_answer_stops_it_not_the_chat(session, monkey
         yield Chunk("tiny ")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(chat, "stream", interrupted)
+    monkeypatch.setattr(session.engine, "stream", interrupted)
     out = chat_through(session, "hello\n/settings\n/exit\n")
     assert "tinylm> tiny \n[stopped]\n" in out
     assert "temperature=" in out and out.endswith("bye\n")  # the chat carried on

@@ -14,6 +14,8 @@ import pytest
 import torch
 
 from tinylm.cli import main
+from tinylm.prompts import TEMPLATE, chat_prompt_budget
+from tinylm.tokenizer import ByteTokenizer
 
 QUESTION = "What is 2 plus 3?"
 
@@ -273,3 +275,20 @@ def test_resume_from_a_named_checkpoint_starts_at_its_step(tmp_path, capsys, tin
 def test_resume_of_a_folder_without_a_run_fails_in_one_line(tmp_path, capsys):
     assert main(["train", "--resume", str(tmp_path)]) == 2
     assert str(tmp_path) in error_line(capsys)
+
+
+def test_generate_command_says_it_cut_a_long_prompt(scripted_run, capsys):
+    checkpoint = str(scripted_run.folder / "best_model.pt")  # byte-level, 256-token window
+    long_context = "a long passage " * 40
+    argv = ["generate", "--checkpoint", checkpoint, "--prompt", "Sum up.", "--context", long_context]
+    assert main([*argv, "--max-tokens", "100", "--json"]) == 0
+    out, err = capsys.readouterr()
+    result = json.loads(out)
+    assert list(result) == ["text", "finish_reason", "prompt_tokens", "completion_tokens", "tokens_per_sec"]
+    assert result["text"] == scripted_run.answer and result["finish_reason"] == "stop"
+    assert result["prompt_tokens"] == chat_prompt_budget(256, 100) == 156
+    whole = len(TEMPLATE.encode_prompt(ByteTokenizer(), "Sum up.", long_context))
+    assert f"the prompt has {whole} tokens; cut to 156" in err
+
+    assert main([*argv[:-2], "--max-tokens", "100", "--json"]) == 0  # a prompt that fits: no note
+    assert capsys.readouterr().err == ""

@@ -25,9 +25,9 @@ import uvicorn
 from tinylm.checkpoint import LoadedModel, load_model, save_checkpoint
 from tinylm.cli import main
 from tinylm.config import Config
-from tinylm.generate import complete
+from tinylm.generate import Engine
 from tinylm.model import TinyLM
-from tinylm.prompts import DEFAULT_STOP_STRINGS, TEMPLATE
+from tinylm.prompts import TEMPLATE
 from tinylm.server import ChatMessage, chat_prompt, create_app, listen
 from tinylm.tokenizer import ByteTokenizer
 
@@ -100,8 +100,8 @@ def reference(
 ):
     """What the library itself answers: the server must say exactly this."""
     options = replace(loaded.config.sampling, max_new_tokens=max_tokens, **sampling)
-    stop = DEFAULT_STOP_STRINGS if chat else ()
-    return complete(loaded.model, loaded.tokenizer, prompt, options, stop=stop, seed=seed)
+    stop = TEMPLATE.stop_strings if chat else ()
+    return Engine(loaded.model, loaded.tokenizer).complete(prompt, options, stop=stop, seed=seed)
 
 
 def chat_ids(loaded: LoadedModel, question: str) -> list[int]:
@@ -390,25 +390,36 @@ def test_a_failing_model_answers_500_and_the_server_lives_on(loaded, monkeypatch
         assert client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=3).choices
 
 
-def test_generation_stops_for_a_client_that_leaves_mid_stream(loaded, monkeypatch):
+def test_generation_stops_promptly_for_a_client_that_leaves_mid_stream(loaded, monkeypatch):
     # Generation runs the model through hidden_states (it applies the output layer to the last position itself).
     hidden_states = loaded.model.hidden_states
-    steps = []
+    steps: list[float] = []  # when each forward pass began
+    step_s, max_tokens = 0.05, 80  # the whole answer would take 4 s
 
-    def slow_step(*args, **kwargs):  # 10 ms a token: 80 tokens take long enough to leave midway
-        steps.append(1)
-        time.sleep(0.01)
+    def slow_step(*args, **kwargs):
+        steps.append(time.monotonic())
+        time.sleep(step_s)
         return hidden_states(*args, **kwargs)
 
     monkeypatch.setattr(loaded.model, "hidden_states", slow_step)
     with running(create_app(loaded)) as url:
-        body = {"model": MODEL, "messages": QUESTION, "max_tokens": 80, "temperature": 0, "stream": True}
-        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=30) as response:
-            assert '"content": ""' in next(response.iter_lines())  # the role announcement
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-        answer = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=5, temperature=0)
-        assert answer.usage.completion_tokens == 5
-    assert 5 <= len(steps) < 80 + 5
+        body = {"model": MODEL, "messages": QUESTION, "max_tokens": max_tokens, "temperature": 0}
+        with httpx.stream(
+            "POST", f"{url}/v1/chat/completions", json={**body, "stream": True}, timeout=30
+        ) as response:
+            lines = (line for line in response.iter_lines() if line)
+            assert '"content": ""' in next(lines)  # the role announcement
+            assert '"content": "' in next(lines)  # the first piece of the answer: generation is under way
+        left = time.monotonic()
+        # One worker answers one batch at a time, so the next request is answered only once the worker has
+        # dropped the abandoned answer: waiting for it waits for the worker to be free.
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=30)
+        answer = client.chat.completions.create(**{**body, "max_tokens": 5})
+        waited = time.monotonic() - left
+    assert answer.usage.completion_tokens == 5
+    # The abandoned answer's remaining 78 steps alone would take 3.9 s: it stopped within a few steps.
+    assert waited < max_tokens * step_s / 2
+    assert len([t for t in steps if t > left]) < 5 + max_tokens // 4
 
 
 def test_twenty_concurrent_streams_each_get_their_own_answer(base_url, client, caplog):

@@ -11,6 +11,9 @@ import torch
 import tinylm.train as train_module
 from tinylm.checkpoint import BEST, LATEST, load_model, read_checkpoint
 from tinylm.config import TrainConfig, apply_overrides
+from tinylm.distributed import World
+from tinylm.evaluate import Evaluator
+from tinylm.generate import Engine
 from tinylm.state import learning_rate
 from tinylm.train import build_training, clip_gradients, train
 
@@ -147,3 +150,17 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path, make_config, monkeypa
 def test_resume_needs_a_latest_checkpoint(tmp_path, tiny_config):
     with pytest.raises(Exception, match=r"latest\.pt does not exist"):
         train(tiny_config, out_dir=tmp_path, resume=True)
+
+
+def test_the_samples_of_an_evaluation_follow_the_steps_since_the_engine_was_made(make_config):
+    """The evaluator's engine is made once, before training; each evaluation refreshes its layouts."""
+    run = build_training(make_config(max_steps=4, learning_rate=3e-2), device=torch.device("cpu"))
+    evaluator = Evaluator(run.data, Engine(run.state.model, run.data.tokenizer), run.config, world=World())
+    before = evaluator.samples()
+    for _ in range(4):
+        run.step()
+    after = evaluator.samples()
+    run.state.model.eval()
+    fresh = Engine(run.state.model, run.data.tokenizer)
+    expected = [fresh.complete(p.ids, evaluator.greedy, stop=run.data.stop).text for p in run.data.samples]
+    assert [s["completion"] for s in after] == expected != [s["completion"] for s in before]

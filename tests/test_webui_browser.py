@@ -45,7 +45,7 @@ def test_a_browser_chats_with_the_page(
 ):
     from playwright.sync_api import expect
 
-    from tinylm import webui
+    from tinylm.generate import Engine
 
     page = browser_page
     requested: list[str] = []
@@ -76,15 +76,15 @@ def test_a_browser_chats_with_the_page(
     # Stop keeps the answer so far; Clear empties the page. The answer is held after its first piece
     # until the checks are done, so Stop surely lands mid-answer.
     release = threading.Event()
-    streaming = webui.stream
+    streaming = Engine.stream
 
-    def held(*args, **kwargs):
-        for number, chunk in enumerate(streaming(*args, **kwargs)):
+    def held(engine, *args, **kwargs):
+        for number, chunk in enumerate(streaming(engine, *args, **kwargs)):
             yield chunk
             if number == 0:
                 release.wait(timeout=30)
 
-    monkeypatch.setattr(webui, "stream", held)
+    monkeypatch.setattr(Engine, "stream", held)
     question.fill("Can you stop?")
     question.press("Enter")
     expect(page.get_by_test_id("bot")).to_have_count(3)

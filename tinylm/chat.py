@@ -1,4 +1,4 @@
-"""The terminal chat: a thin loop over `generate.stream` on the model's own prompt template."""
+"""The terminal chat: a thin loop over `Engine.stream` on the model's own prompt template."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import TextIO
 from tinylm.checkpoint import LoadedModel
 from tinylm.config import ConfigError, SamplingConfig, apply_overrides
 from tinylm.conversation import Conversation, answer_status, fit_notice
-from tinylm.generate import Chunk, stream
+from tinylm.generate import Chunk, Engine
 from tinylm.prompts import TEMPLATE
 
 HELP = """commands:
@@ -51,6 +51,7 @@ class ChatSession:
         seed: int | None = None,
     ):
         self.loaded = loaded
+        self.engine = Engine(loaded.model, loaded.tokenizer)
         self.sampling = sampling
         self.stop = (*TEMPLATE.stop_strings, *stop)
         self.seed = seed
@@ -92,9 +93,7 @@ class ChatSession:
         pieces: list[str] = []
         last: Chunk | None = None
         try:
-            for chunk in stream(
-                self.loaded.model, tokenizer, prompt, self.sampling, stop=self.stop, seed=self.seed
-            ):
+            for chunk in self.engine.stream(prompt, self.sampling, stop=self.stop, seed=self.seed):
                 write(chunk.text)
                 pieces.append(chunk.text)  # after writing: history keeps what was shown
                 if chunk.finish_reason:

@@ -13,16 +13,18 @@ import threading
 import zipfile
 import zlib
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
 
 from tinylm.config import Config, ConfigError, config_from_dict
 from tinylm.model import TinyLM
 from tinylm.tokenizer import Tokenizer, TokenizerError, tokenizer_from_dict
+
+T = TypeVar("T")
 
 FORMAT = "tinylm-checkpoint"
 VERSION = 1
@@ -234,25 +236,39 @@ def model_from_payload(
     return LoadedModel(model=model, config=config, tokenizer=tokenizer, path=path, info=info)
 
 
-class ModelStore:
-    """The checkpoints a front end may switch between, loaded on first use; the last few used stay loaded."""
+class ModelStore(Generic[T]):
+    """The checkpoints a front end may switch between, loaded on first use; the last few used stay loaded.
 
-    def __init__(self, paths: Sequence[str | Path], *, device: torch.device | str = "cpu", keep: int = 2):
+    `open(model, tokenizer)` makes what the front end answers with (the web page: an inference engine) once
+    per load, so it lives exactly as long as its model stays loaded.
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[str | Path],
+        *,
+        open: Callable[[TinyLM, Tokenizer], T],
+        device: torch.device | str = "cpu",
+        keep: int = 2,
+    ):
         if not paths:
             raise CheckpointError("no checkpoints to serve")
         self.paths = [Path(p) for p in paths]
+        self.open = open
         self.device = device
         self.keep = keep
-        self._loaded: OrderedDict[Path, LoadedModel] = OrderedDict()
+        self._loaded: OrderedDict[Path, tuple[LoadedModel, T]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, path: str | Path) -> LoadedModel:
+    def get(self, path: str | Path) -> tuple[LoadedModel, T]:
+        """The checkpoint as loaded, and what `open` made for it."""
         path = Path(path)
         if path not in self.paths:
             raise CheckpointError(f"{path} is not among the checkpoints being served")
         with self._lock:
             if path not in self._loaded:
-                self._loaded[path] = load_model(path, device=self.device)
+                loaded = load_model(path, device=self.device)
+                self._loaded[path] = (loaded, self.open(loaded.model, loaded.tokenizer))
                 while len(self._loaded) > self.keep:
                     self._loaded.popitem(last=False)
             self._loaded.move_to_end(path)

@@ -58,9 +58,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="tinylm", description="Train a small GPT-style language model, then talk to it."
-    )
+    parser = _Parser(prog="tinylm", description="Train a small GPT-style language model, then talk to it.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a model (the v2 preset on Dolly by default)")
@@ -246,8 +244,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return cmd_chat(args)
     if args.prompt is None or not args.prompt.strip():
         raise _UsageError("--prompt is empty: give the instruction to answer, or use --chat")
-    from tinylm.generate import stream
-    from tinylm.prompts import DEFAULT_STOP_STRINGS, TEMPLATE, chat_prompt_budget
+    from tinylm.generate import Engine
+    from tinylm.prompts import TEMPLATE, chat_prompt_budget
 
     loaded = _load(args)
     sampling = _sampling(args, loaded.config)
@@ -267,12 +265,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
             "then the end of the instruction, as in training)",
             file=sys.stderr,
         )
-    chunks = stream(
-        loaded.model,
-        loaded.tokenizer,
+    chunks = Engine(loaded.model, loaded.tokenizer).stream(
         prompt,
         sampling,
-        stop=(*DEFAULT_STOP_STRINGS, *args.stop),
+        stop=(*TEMPLATE.stop_strings, *args.stop),
         seed=args.seed,
     )
     text = []
@@ -312,9 +308,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def cmd_ui(args: argparse.Namespace) -> int:
     from tinylm.checkpoint import ModelStore, find_checkpoints
+    from tinylm.generate import Engine
     from tinylm.runtime import pick_device
 
-    models = ModelStore(find_checkpoints(args.checkpoint), device=pick_device(args.device))
+    models = ModelStore(find_checkpoints(args.checkpoint), open=Engine, device=pick_device(args.device))
     models.get(models.paths[0])  # a missing or broken checkpoint fails here, before gradio's slow import
     from tinylm.webui import build_app, launch
 
@@ -374,6 +371,7 @@ def _synthetic_answers(args: argparse.Namespace, loaded) -> None:
     from tinylm.data.sources import load_records
     from tinylm.data.synthetic import check_answer
     from tinylm.evaluate import answer_records
+    from tinylm.generate import Engine
 
     c = loaded.config
     n_val = validation_size(c.data.dataset_size, c.data.val_fraction)
@@ -382,8 +380,7 @@ def _synthetic_answers(args: argparse.Namespace, loaded) -> None:
         records, dataset_size=c.data.dataset_size, val_fraction=c.data.val_fraction, seed=c.train.seed
     ).val
     answers = answer_records(
-        loaded.model,
-        loaded.tokenizer,
+        Engine(loaded.model, loaded.tokenizer),
         val[: args.limit],
         is_correct=lambda r, a: check_answer({"response": r.response}, a),
     )

@@ -14,11 +14,10 @@ from tinylm.data.prepare import SAMPLE_TOKENS, PreparedData
 from tinylm.data.sources import Record
 from tinylm.data.tokens import TokenArrays
 from tinylm.distributed import World
-from tinylm.generate import Engine, generate_batch
+from tinylm.generate import Engine
 from tinylm.loss import lm_loss
 from tinylm.model import TinyLM
-from tinylm.prompts import DEFAULT_STOP_STRINGS, TEMPLATE
-from tinylm.tokenizer import Tokenizer
+from tinylm.prompts import TEMPLATE
 
 
 @torch.no_grad()
@@ -70,8 +69,7 @@ class Answer:
 
 
 def answer_records(
-    model: TinyLM,
-    tokenizer: Tokenizer,
+    engine: Engine,
     records: Sequence[Record],
     *,
     is_correct: Callable[[Record, str], bool],
@@ -80,12 +78,14 @@ def answer_records(
 ) -> list[Answer]:
     """Greedy answers to held-out prompts, in batches, each judged by `is_correct`."""
     greedy = replace(SamplingConfig(), temperature=0.0, max_new_tokens=max_new_tokens)
-    budget = model.config.max_seq_length - max_new_tokens
+    budget = engine.model.config.max_seq_length - max_new_tokens
     answers: list[Answer] = []
     for first in range(0, len(records), batch_size):
         chunk = records[first : first + batch_size]
-        prompts = [TEMPLATE.encode_prompt(tokenizer, r.instruction, r.context, budget=budget) for r in chunk]
-        done = generate_batch(model, tokenizer, prompts, greedy, stop=DEFAULT_STOP_STRINGS)
+        prompts = [
+            TEMPLATE.encode_prompt(engine.tokenizer, r.instruction, r.context, budget=budget) for r in chunk
+        ]
+        done = engine.generate_batch(prompts, greedy, stop=TEMPLATE.stop_strings)
         answers += [
             Answer(r, c.text.strip(), is_correct(r, c.text)) for r, c in zip(chunk, done, strict=True)
         ]

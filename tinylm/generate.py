@@ -1,15 +1,16 @@
-"""Generation in three layers: pick the next token, generate token ids with a KV cache, stream text.
+"""Generation in layers: pick the next token, generate token ids with a KV cache, stream text.
 
-The terminal chat, the web page and the HTTP API all read the same `stream` (one prompt), `stream_batch`
-(several prompts in one batched pass, streamed row by row) or `generate_batch` (its whole answers).
-Nothing here knows about HTTP, terminals or training.
+`Engine(model, tokenizer)` is the one way in: the terminal chat, the web page and the HTTP API all read its
+`stream` (one prompt), `stream_batch` (several prompts in one batched pass, streamed row by row) or
+`generate_batch` (their whole answers). Below those, `generate_ids` repeats `next_token` over the engine's
+`prefill` and per-token `step`, which keep each row's window in a `KVCache`. Nothing here knows about HTTP,
+terminals or training.
 """
 
 from __future__ import annotations
 
 import time
-import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -55,116 +56,6 @@ def next_token(
         probs = probs.masked_fill(probs < sampling.min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
     choice = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
     return (choice if candidates is None else candidates.gather(1, choice)).squeeze(-1)
-
-
-# Per model: (the head weight's identity and version, its transpose). A dropped model frees its copy.
-_TRANSPOSED_HEADS: weakref.WeakKeyDictionary[TinyLM, tuple[tuple, torch.Tensor]] = weakref.WeakKeyDictionary()
-
-
-def _output_layer(model: TinyLM, batch: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The 50,257-wide output layer, (B, d_model) -> (B, V), in the fastest form measured for `batch` rows.
-
-    It is most of the decoding time of a model this small. On CPU, BLAS multiplies one row by the
-    transpose of nn.Linear's (V, d_model) weight several times slower than by a (d_model, V) copy, and
-    several rows faster as (W @ x^T)^T than as x @ W^T (see docs/benchmarks.md). The copy is made once per
-    weight version: optimizer steps and `load_state_dict` bump the version counter, so a stale copy is
-    never used (a change made through `.data` would bypass it). Other devices use the layer as it is.
-    """
-    weight, bias = model.head.weight, model.head.bias
-    if weight.device.type != "cpu":
-        return model.logits
-    if batch > 1:
-        if bias is None:
-            return lambda hidden: (weight @ hidden.t()).t()
-        return lambda hidden: torch.addmm(bias[:, None], weight, hidden.t()).t()
-    try:
-        key = (weight.data_ptr(), weight._version, weight.dtype)
-    except RuntimeError:  # weights made under inference_mode keep no version counter: never cache them
-        key = None
-    cached = _TRANSPOSED_HEADS.get(model)
-    if key is None or cached is None or cached[0] != key:
-        cached = (key, weight.detach().t().contiguous())
-        if key is not None:
-            _TRANSPOSED_HEADS[model] = cached
-    transposed = cached[1]
-    if bias is None:
-        return lambda hidden: hidden @ transposed
-    return lambda hidden: torch.addmm(bias, hidden, transposed)
-
-
-@torch.inference_mode()
-def generate_ids(
-    model: TinyLM,
-    prompts: Sequence[Sequence[int]],
-    sampling: SamplingConfig,
-    *,
-    pad_id: int = 0,
-    seed: int | None = None,
-    use_cache: bool = True,
-) -> Iterator[torch.Tensor]:
-    """Yield the next token of every row (B,), `sampling.max_new_tokens` times; the caller may stop sooner.
-
-    Prompts of different lengths are left-padded with an attention mask and positions count from each
-    row's first visible token, so a greedy row gets exactly the tokens it would get alone (sampled rows
-    draw from one generator, which `seed` makes reproducible for the batch as a whole). Each row sees a
-    window of at most max_seq_length tokens (a longer prompt keeps its end); when a row's window is full it
-    jumps forward to its last three quarters and the cache is rebuilt, while the other rows keep their
-    windows. The uncached path, a reference for tests, moves its windows identically.
-    """
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
-    device = next(model.parameters()).device
-    capacity = model.config.max_seq_length
-    keep = capacity - capacity // 4
-    batch, longest, steps = len(prompts), max(map(len, prompts)), sampling.max_new_tokens
-    # All tokens in one preallocated matrix, rows right-aligned, so every step fills one more column.
-    tokens = torch.full((batch, longest + steps), pad_id, dtype=torch.long, device=device)
-    for row, prompt in enumerate(prompts):
-        tokens[row, longest - len(prompt) : longest] = torch.tensor(prompt, dtype=torch.long)
-    columns = torch.arange(longest + steps, device=device)
-    # first[row]: the column of the row's first visible token, i.e. where its window starts.
-    first = [longest - len(p) + max(0, len(p) - capacity) for p in prompts]
-    output_layer = _output_layer(model, batch)
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=device).manual_seed(seed)
-    cache: KVCache | None = None
-    seen: torch.Tensor | None = None
-    for end in range(longest, longest + steps):  # columns [0, end) hold the tokens so far
-        full = [row for row in range(batch) if end - first[row] > capacity]
-        for row in full:
-            first[row] = end - keep
-        if full or cache is None or not use_cache:
-            lo = min(first)
-            starts = torch.tensor(first, device=device)[:, None]
-            visible = columns[None, lo:] >= starts  # (B, columns from lo on)
-            padded = lo != max(first)
-            window = tokens[:, lo:end]
-            if use_cache:
-                cache = KVCache(model.config, batch, device=device, dtype=next(model.parameters()).dtype)
-            hidden = model.hidden_states(
-                window,
-                cache=cache,
-                attention_mask=visible[:, : end - lo] if padded else None,
-                positions=(columns[None, lo:end] - starts).clamp(min=0),
-            )
-            if sampling.repetition_penalty != 1.0:
-                counts = torch.zeros(batch, model.config.vocab_size, dtype=torch.int32, device=device)
-                seen = counts.scatter_add_(1, window, visible[:, : end - lo].int()) > 0
-        else:
-            hidden = model.hidden_states(
-                tokens[:, end - 1 : end],
-                cache=cache,
-                attention_mask=visible[:, : end - lo] if padded else None,
-                positions=end - 1 - starts,
-            )
-            if seen is not None:
-                seen.scatter_(1, tokens[:, end - 1 : end], True)
-        last = hidden[:, -1]  # (B, d_model): only the last position's logits are needed
-        logits = output_layer(last)  # (B, V)
-        token = next_token(logits, sampling, seen=seen, generator=generator)
-        tokens[:, end] = token
-        yield token
 
 
 class _TextTracker:
@@ -225,85 +116,6 @@ class Chunk:
         return self.completion_tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-def stream_batch(
-    model: TinyLM,
-    tokenizer: Tokenizer,
-    prompts: Sequence[Sequence[int]],
-    sampling: SamplingConfig,
-    *,
-    stops: Sequence[Sequence[str]] | None = None,
-    max_new_tokens: Sequence[int] | None = None,
-    seed: int | None = None,
-) -> Iterator[list[Chunk | None]]:
-    """Stream several prompts from one batched pass: each step yields one chunk per row.
-
-    A row's chunk is None once that row has finished; its last chunk carries finish_reason and the counts.
-    Each row stops on its own end-of-text, its own stop strings (`stops[row]`) or its own token limit
-    (`max_new_tokens[row]`, default sampling.max_new_tokens), so requests with different options can
-    share the forward passes. Iteration ends when every row has finished.
-    """
-    started = time.perf_counter()
-    trackers = [_TextTracker(tokenizer, row_stop) for row_stop in (stops or [()] * len(prompts))]
-    limits = list(max_new_tokens or [sampling.max_new_tokens] * len(prompts))
-    if not len(trackers) == len(limits) == len(prompts):
-        raise ValueError("stops and max_new_tokens need one entry per prompt")
-    if any(limit < 1 for limit in limits):
-        raise ValueError(f"max_new_tokens must be at least 1 for every row, got {limits}")
-    counts = [0] * len(prompts)
-    finished = [False] * len(prompts)
-    longest = replace(sampling, max_new_tokens=max(limits, default=1))
-    tokens = generate_ids(model, prompts, longest, pad_id=tokenizer.eos_id, seed=seed)
-    try:
-        for row_tokens in tokens:
-            chunks: list[Chunk | None] = []
-            for row, token in enumerate(row_tokens.tolist()):
-                if finished[row]:
-                    chunks.append(None)
-                    continue
-                tracker = trackers[row]
-                counts[row] += 1
-                text = tracker.push(token)
-                reason = tracker.finish_reason
-                if reason is None and counts[row] >= limits[row]:
-                    text, reason = text + tracker.flush(), "length"
-                if reason is None:
-                    chunks.append(Chunk(text))
-                    continue
-                finished[row] = True
-                chunks.append(
-                    Chunk(
-                        text,
-                        finish_reason=reason,
-                        prompt_tokens=len(prompts[row]),
-                        completion_tokens=counts[row],
-                        seconds=time.perf_counter() - started,
-                    )
-                )
-            yield chunks
-            if all(finished):
-                return
-    finally:
-        tokens.close()
-
-
-def stream(
-    model: TinyLM,
-    tokenizer: Tokenizer,
-    prompt_ids: Sequence[int],
-    sampling: SamplingConfig,
-    *,
-    stop: Sequence[str] = (),
-    seed: int | None = None,
-) -> Iterator[Chunk]:
-    """Stream the answer to one prompt as text chunks, ending with a chunk that has finish_reason.
-
-    finish_reason is "stop" (end-of-text or a stop string) or "length" (max_new_tokens reached).
-    """
-    for (chunk,) in stream_batch(model, tokenizer, [prompt_ids], sampling, stops=[stop], seed=seed):
-        if chunk is not None and (chunk.text or chunk.finish_reason):
-            yield chunk
-
-
 @dataclass
 class Completion:
     text: str
@@ -312,55 +124,221 @@ class Completion:
     completion_tokens: int
 
 
-def complete(
-    model: TinyLM,
-    tokenizer: Tokenizer,
-    prompt_ids: Sequence[int],
-    sampling: SamplingConfig,
-    *,
-    stop: Sequence[str] = (),
-    seed: int | None = None,
-) -> Completion:
-    """The whole answer to one prompt at once (a drained `stream`)."""
-    chunks = list(stream(model, tokenizer, prompt_ids, sampling, stop=stop, seed=seed))
-    last = chunks[-1]
-    return Completion(
-        "".join(c.text for c in chunks),
-        last.finish_reason or "length",
-        last.prompt_tokens,
-        last.completion_tokens,
-    )
+class Engine:
+    """Generates with one model and its tokenizer, and owns the fast layouts that decoding uses.
+
+    The layouts are made from the weights when the engine is made. After the weights change in place (an
+    optimizer step, `load_state_dict`) or the model moves to another device, call `refresh()`, or the
+    engine decodes with the old ones. Threads may share an engine: each generation keeps its state in its
+    own `KVCache`.
+    """
+
+    def __init__(self, model: TinyLM, tokenizer: Tokenizer):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Remake the decoding layout of the output layer from the model's current weights.
+
+        The 50,257-wide output layer is most of the decoding time of a model this small. On CPU, BLAS
+        multiplies one row by the transpose of nn.Linear's (V, d_model) weight much slower than by a
+        contiguous (d_model, V) copy, and several rows faster as (W @ h^T)^T than as h @ W^T (see
+        docs/benchmarks.md): so one row uses a copy made here, several rows the weight itself. Other devices
+        use the layer as it is.
+        """
+        weight = self.model.head.weight
+        self._transposed = weight.detach().t().contiguous() if weight.device.type == "cpu" else None
+
+    @torch.inference_mode()
+    def generate_ids(
+        self,
+        prompts: Sequence[Sequence[int]],
+        sampling: SamplingConfig,
+        *,
+        seed: int | None = None,
+        use_cache: bool = True,
+    ) -> Iterator[torch.Tensor]:
+        """Yield the next token of every row (B,), `sampling.max_new_tokens` times; the caller may stop sooner.
+
+        A greedy row gets exactly the tokens it would get alone (sampled rows draw from one generator, which
+        `seed` makes reproducible for the batch as a whole). Each row sees its own window of at most
+        max_seq_length tokens, moved as `KVCache` says. Without the cache (`use_cache=False`, a reference for
+        tests) every step runs every row's whole window again; the windows move identically.
+        """
+        cache, logits = self.prefill(prompts)
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=logits.device).manual_seed(seed)
+        for remaining in range(sampling.max_new_tokens - 1, -1, -1):
+            seen = _in_windows(cache, logits.size(-1)) if sampling.repetition_penalty != 1.0 else None
+            token = next_token(logits, sampling, seen=seen, generator=generator)
+            yield token
+            if not remaining:
+                return
+            if use_cache:
+                logits = self.step(cache, token)
+            else:
+                windows = cache.next_windows()
+                cache, logits = self.prefill([[*w, t] for w, t in zip(windows, token.tolist(), strict=True)])
+
+    @torch.inference_mode()
+    def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[KVCache, torch.Tensor]:
+        """A new cache holding the prompts' windows, and every row's next-token logits (B, V).
+
+        Rows join a running batch this way: prefill them, then `KVCache.join` and concatenate the logits.
+        """
+        cache, hidden = self._fill(prompts)
+        return cache, self._output_layer(hidden)
+
+    @torch.inference_mode()
+    def step(self, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row (B,) into the cache and return the next-token logits (B, V).
+
+        Rows whose window is full first jump forward as the cache says, and their windows are prefilled again.
+        """
+        full = cache.full_rows()
+        if full:
+            cache.replace(full, self._fill(cache.next_windows(full))[0])
+        hidden = self.model.hidden_states(tokens[:, None], cache=cache)
+        return self._output_layer(hidden[:, -1])
+
+    def _fill(self, prompts: Sequence[Sequence[int]]) -> tuple[KVCache, torch.Tensor]:
+        """A new cache holding the prompts' windows, and every row's last hidden state (B, d_model)."""
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        weight = self.model.head.weight
+        cache = KVCache(self.model.config, len(prompts), device=weight.device, dtype=weight.dtype)
+        hidden = self.model.hidden_states(cache.prefill_ids(prompts), cache=cache)
+        return cache, hidden[:, -1]  # only the last position's logits are needed
+
+    def _output_layer(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, d_model) -> (B, V) in the layout `refresh` chose for B rows."""
+        weight, bias = self.model.head.weight, self.model.head.bias
+        if self._transposed is None:
+            return self.model.logits(hidden)
+        if hidden.size(0) == 1:
+            return hidden @ self._transposed if bias is None else torch.addmm(bias, hidden, self._transposed)
+        if bias is None:
+            return (weight @ hidden.t()).t()
+        return torch.addmm(bias[:, None], weight, hidden.t()).t()
+
+    def stream_batch(
+        self,
+        prompts: Sequence[Sequence[int]],
+        sampling: SamplingConfig,
+        *,
+        stops: Sequence[Sequence[str]] | None = None,
+        max_new_tokens: Sequence[int] | None = None,
+        seed: int | None = None,
+    ) -> Iterator[list[Chunk | None]]:
+        """Stream several prompts from one batched pass: each step yields one chunk per row.
+
+        A row's chunk is None once that row has finished; its last chunk carries finish_reason and the counts.
+        Each row stops on its own end-of-text, its own stop strings (`stops[row]`) or its own token limit
+        (`max_new_tokens[row]`, default sampling.max_new_tokens), so requests with different options can
+        share the forward passes. Iteration ends when every row has finished.
+        """
+        started = time.perf_counter()
+        trackers = [_TextTracker(self.tokenizer, row_stop) for row_stop in (stops or [()] * len(prompts))]
+        limits = list(max_new_tokens or [sampling.max_new_tokens] * len(prompts))
+        if not len(trackers) == len(limits) == len(prompts):
+            raise ValueError("stops and max_new_tokens need one entry per prompt")
+        if any(limit < 1 for limit in limits):
+            raise ValueError(f"max_new_tokens must be at least 1 for every row, got {limits}")
+        counts = [0] * len(prompts)
+        finished = [False] * len(prompts)
+        longest = replace(sampling, max_new_tokens=max(limits, default=1))
+        tokens = self.generate_ids(prompts, longest, seed=seed)
+        try:
+            for row_tokens in tokens:
+                chunks: list[Chunk | None] = []
+                for row, token in enumerate(row_tokens.tolist()):
+                    if finished[row]:
+                        chunks.append(None)
+                        continue
+                    tracker = trackers[row]
+                    counts[row] += 1
+                    text = tracker.push(token)
+                    reason = tracker.finish_reason
+                    if reason is None and counts[row] >= limits[row]:
+                        text, reason = text + tracker.flush(), "length"
+                    if reason is None:
+                        chunks.append(Chunk(text))
+                        continue
+                    finished[row] = True
+                    chunks.append(
+                        Chunk(
+                            text,
+                            finish_reason=reason,
+                            prompt_tokens=len(prompts[row]),
+                            completion_tokens=counts[row],
+                            seconds=time.perf_counter() - started,
+                        )
+                    )
+                yield chunks
+                if all(finished):
+                    return
+        finally:
+            tokens.close()
+
+    def stream(
+        self,
+        prompt_ids: Sequence[int],
+        sampling: SamplingConfig,
+        *,
+        stop: Sequence[str] = (),
+        seed: int | None = None,
+    ) -> Iterator[Chunk]:
+        """Stream the answer to one prompt as text chunks, ending with a chunk that has finish_reason.
+
+        finish_reason is "stop" (end-of-text or a stop string) or "length" (max_new_tokens reached).
+        """
+        for (chunk,) in self.stream_batch([prompt_ids], sampling, stops=[stop], seed=seed):
+            if chunk is not None and (chunk.text or chunk.finish_reason):
+                yield chunk
+
+    def complete(
+        self,
+        prompt_ids: Sequence[int],
+        sampling: SamplingConfig,
+        *,
+        stop: Sequence[str] = (),
+        seed: int | None = None,
+    ) -> Completion:
+        """The whole answer to one prompt at once (a drained `stream`)."""
+        chunks = list(self.stream(prompt_ids, sampling, stop=stop, seed=seed))
+        last = chunks[-1]
+        return Completion(
+            "".join(c.text for c in chunks),
+            last.finish_reason or "length",
+            last.prompt_tokens,
+            last.completion_tokens,
+        )
+
+    def generate_batch(
+        self,
+        prompts: Sequence[Sequence[int]],
+        sampling: SamplingConfig,
+        *,
+        stop: Sequence[str] = (),
+        seed: int | None = None,
+    ) -> list[Completion]:
+        """Answer several prompts in one batched pass; each row stops on its own end-of-text, stop or length."""
+        texts: list[list[str]] = [[] for _ in prompts]
+        last: list[Chunk] = [Chunk("") for _ in prompts]
+        for chunks in self.stream_batch(prompts, sampling, stops=[stop] * len(prompts), seed=seed):
+            for row, chunk in enumerate(chunks):
+                if chunk is not None:
+                    texts[row].append(chunk.text)
+                    last[row] = chunk
+        return [
+            Completion("".join(text), end.finish_reason or "length", end.prompt_tokens, end.completion_tokens)
+            for text, end in zip(texts, last, strict=True)
+        ]
 
 
-def generate_batch(
-    model: TinyLM,
-    tokenizer: Tokenizer,
-    prompts: Sequence[Sequence[int]],
-    sampling: SamplingConfig,
-    *,
-    stop: Sequence[str] = (),
-    seed: int | None = None,
-) -> list[Completion]:
-    """Answer several prompts in one batched pass; each row stops on its own end-of-text, stop or length."""
-    texts: list[list[str]] = [[] for _ in prompts]
-    last: list[Chunk] = [Chunk("") for _ in prompts]
-    for chunks in stream_batch(model, tokenizer, prompts, sampling, stops=[stop] * len(prompts), seed=seed):
-        for row, chunk in enumerate(chunks):
-            if chunk is not None:
-                texts[row].append(chunk.text)
-                last[row] = chunk
-    return [
-        Completion("".join(text), end.finish_reason or "length", end.prompt_tokens, end.completion_tokens)
-        for text, end in zip(texts, last, strict=True)
-    ]
-
-
-class Engine:  # TEMPORARY shim until the engine branch lands (not committed)
-    def __init__(self, model, tokenizer):
-        self.model, self.tokenizer = model, tokenizer
-
-    def refresh(self):
-        torch.autograd.graph.increment_version(list(self.model.parameters()))
-
-    def complete(self, ids, sampling, *, stop=(), seed=None):
-        return complete(self.model, self.tokenizer, ids, sampling, stop=stop, seed=seed)
+def _in_windows(cache: KVCache, vocab_size: int) -> torch.Tensor:
+    """(B, V): which tokens are in each row's window, for the repetition penalty."""
+    counts = torch.zeros(cache.batch_size, vocab_size, dtype=torch.int32, device=cache.tokens.device)
+    return counts.scatter_add_(1, cache.tokens[:, : cache.length], cache.visible().int()) > 0

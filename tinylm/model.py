@@ -8,6 +8,7 @@ paths it calls are in `kernels`, the training loss (which skips positions whose 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +22,14 @@ IGNORE_INDEX = -100
 
 
 class KVCache:
-    """Keys and values of every layer for the tokens seen so far, preallocated to the context window."""
+    """Each row's window of tokens and every layer's keys and values for it, preallocated to max_seq_length.
+
+    Rows are right-aligned: every window ends at column `length`, and row r's starts at column `starts[r]`
+    (the columns before it are left padding that attention skips). A row's positions count from its own
+    first token, so it gets the logits it would get alone. Rows leave a live batch with `keep` and join it
+    with `join`. The window rule lives here too: a window holds at most max_seq_length tokens (a longer
+    prompt keeps its end), and a full window jumps forward to its last three quarters (`next_windows`).
+    """
 
     def __init__(
         self, config: ModelConfig, batch_size: int, *, device: torch.device | str, dtype: torch.dtype
@@ -29,8 +37,28 @@ class KVCache:
         shape = (config.n_layers, batch_size, config.n_heads, config.max_seq_length, config.d_k)
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.tokens = torch.zeros(batch_size, config.max_seq_length, dtype=torch.long, device=device)
         self.capacity = config.max_seq_length
         self.length = 0
+        self.starts = [0] * batch_size
+        self._starts = torch.zeros(batch_size, 1, dtype=torch.long, device=device)  # (B, 1), on the device
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.starts)
+
+    def prefill_ids(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+        """The prompts as one right-aligned (B, longest) id matrix for the first forward into this empty
+        cache, each cut to its last max_seq_length tokens; records where each row starts."""
+        if self.length or len(prompts) != self.batch_size:
+            raise ValueError(f"prefill_ids wants an empty cache and {self.batch_size} prompts")
+        windows = [list(p[-self.capacity :]) for p in prompts]
+        longest = max(map(len, windows))
+        ids = torch.zeros(self.batch_size, longest, dtype=torch.long)
+        for row, window in enumerate(windows):
+            ids[row, longest - len(window) :] = torch.tensor(window, dtype=torch.long)
+        self._set_starts([longest - len(w) for w in windows])
+        return ids.to(self.tokens.device)
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this step's keys/values (B, nh, T, dk) and return all of them so far."""
@@ -40,6 +68,101 @@ class KVCache:
         self.keys[layer, :, :, self.length : end] = k
         self.values[layer, :, :, self.length : end] = v
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+    def advance(self, idx: torch.Tensor) -> None:
+        """Record the token ids (B, T) whose keys and values every layer has just appended."""
+        self.tokens[:, self.length : self.length + idx.size(1)] = idx
+        self.length += idx.size(1)
+
+    def positions(self, new: int) -> torch.Tensor:
+        """(B, new) positions of the next `new` tokens, counted from each row's first token."""
+        columns = torch.arange(self.length, self.length + new, device=self.tokens.device)
+        return (columns - self._starts).clamp(min=0)
+
+    def attention_mask(self, new: int) -> torch.Tensor | None:
+        """(B, length + new): True for real tokens, False for left padding; None when no row is padded."""
+        if not any(self.starts):
+            return None
+        return self.visible(new)
+
+    def visible(self, new: int = 0) -> torch.Tensor:
+        """(B, length + new): True from each row's first token on."""
+        return torch.arange(self.length + new, device=self.tokens.device) >= self._starts
+
+    def full_rows(self) -> list[int]:
+        """Rows whose window has no room for another token: the next one makes them jump forward."""
+        return [row for row, start in enumerate(self.starts) if self.length - start == self.capacity]
+
+    def next_windows(self, rows: Sequence[int] | None = None) -> list[list[int]]:
+        """The token ids each row continues from when its next token arrives: a full window jumps forward to
+        its last three quarters (less that token), so the cache of those rows must be prefilled again
+        (`replace`); every other row keeps its window."""
+        kept = self.capacity - self.capacity // 4 - 1
+        windows = []
+        for row in range(self.batch_size) if rows is None else rows:
+            start = self.starts[row]
+            if self.length - start == self.capacity:
+                start = self.length - kept
+            windows.append(self.tokens[row, start : self.length].tolist())
+        return windows
+
+    def keep(self, rows: Sequence[int]) -> None:
+        """Keep only these rows, in this order (the others leave the batch)."""
+        index = torch.tensor(rows, dtype=torch.long, device=self.tokens.device)
+        self.keys, self.values = self.keys[:, index], self.values[:, index]
+        self.tokens = self.tokens[index]
+        self._set_starts([self.starts[row] for row in rows])
+        self._compact()
+
+    def join(self, other: KVCache) -> None:
+        """Add other's rows after these (a batch that is running takes in newly prefilled rows).
+
+        Whichever side has the shorter windows is padded on the left; `other` is used up.
+        """
+        if other.capacity != self.capacity or other.keys.shape[2:] != self.keys.shape[2:]:
+            raise ValueError("join wants a cache made for the same model")
+        length = max(self.length, other.length)
+        self._align(length)
+        other._align(length)
+        self.keys = torch.cat([self.keys, other.keys], dim=1)
+        self.values = torch.cat([self.values, other.values], dim=1)
+        self.tokens = torch.cat([self.tokens, other.tokens])
+        self._set_starts(self.starts + other.starts)
+
+    def replace(self, rows: Sequence[int], other: KVCache) -> None:
+        """Put other's rows in place of these (rows whose windows were prefilled again); `other` is used up."""
+        length = max(self.length, other.length)
+        self._align(length)
+        other._align(length)
+        index = torch.tensor(rows, dtype=torch.long, device=self.tokens.device)
+        self.keys[:, index], self.values[:, index] = other.keys, other.values
+        self.tokens[index] = other.tokens
+        starts = list(self.starts)
+        for row, start in zip(rows, other.starts, strict=True):
+            starts[row] = start
+        self._set_starts(starts)
+        self._compact()
+
+    def _compact(self) -> None:
+        """Drop the padding columns that no row needs, so the longest window starts at column 0."""
+        self._align(self.length - min(self.starts, default=self.length))
+
+    def _align(self, length: int) -> None:
+        """Move every row so that the windows end at column `length` (what moves off the left is padding)."""
+        shift = length - self.length
+        if shift == 0:
+            return
+        source, target = slice(max(0, -shift), self.length), slice(max(0, shift), length)
+        keys, values, tokens = (torch.zeros_like(t) for t in (self.keys, self.values, self.tokens))
+        keys[:, :, :, target] = self.keys[:, :, :, source]
+        values[:, :, :, target] = self.values[:, :, :, source]
+        tokens[:, target] = self.tokens[:, source]
+        self.keys, self.values, self.tokens, self.length = keys, values, tokens, length
+        self._set_starts([start + shift for start in self.starts])
+
+    def _set_starts(self, starts: list[int]) -> None:
+        self.starts = starts
+        self._starts = torch.tensor(starts, dtype=torch.long, device=self.tokens.device).view(-1, 1)
 
 
 class SinusoidalPositions(nn.Module):
@@ -149,17 +272,21 @@ class TinyLM(nn.Module):
     ) -> torch.Tensor:
         """Final-norm hidden states (B, T, d_model) for token ids (B, T).
 
-        attention_mask (B, S) marks real tokens (1) versus left padding (0) over all S = cached + T keys;
-        positions (B, T) overrides the default cache.length + arange(T), so padded rows count from their
-        first real token. segments (B, T) says which packed example each token belongs to: a token attends
-        only to earlier tokens of its own segment, so packed examples never see each other.
+        attention_mask (B, S) marks real tokens (1) versus left padding (0) over all S = cached + T keys, and
+        positions (B, T) gives the tokens' positions; with a cache both default to the cache's own (its
+        left-padded rows count from their first real token). segments (B, T) says which packed example each
+        token belongs to: a token attends only to earlier tokens of its own segment, so packed examples never
+        see each other.
         """
         B, T = idx.shape
         start = cache.length if cache is not None else 0
         if start + T > self.config.max_seq_length:
             raise ValueError(f"{start + T} tokens exceed the context window of {self.config.max_seq_length}")
-        if positions is None:
-            positions = torch.arange(start, start + T, device=idx.device).expand(B, T)
+        if cache is not None:
+            positions = cache.positions(T) if positions is None else positions
+            attention_mask = cache.attention_mask(T) if attention_mask is None else attention_mask
+        elif positions is None:
+            positions = torch.arange(T, device=idx.device).expand(B, T)
         x = self.embed(idx) * math.sqrt(self.config.d_model) + self.positions(positions)
         x = self.dropout(x)
         mask = self._attention_mask(B, T, start, attention_mask, segments, idx.device)
@@ -169,7 +296,7 @@ class TinyLM(nn.Module):
             else:
                 x = block(x, mask, cache, layer)
         if cache is not None:
-            cache.length += T
+            cache.advance(idx)
         return self.ln_f(x)
 
     @staticmethod

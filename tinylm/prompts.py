@@ -164,8 +164,6 @@ class PromptTemplate:
 
 
 TEMPLATE = PromptTemplate()
-# The template's stop strings under the name the generation calls pass them by.
-DEFAULT_STOP_STRINGS = TEMPLATE.stop_strings
 
 
 def chat_prompt_budget(window: int, max_new_tokens: int) -> int:

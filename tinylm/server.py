@@ -1,4 +1,4 @@
-"""An OpenAI-compatible HTTP API: a thin FastAPI layer over `generate.stream_batch`.
+"""An OpenAI-compatible HTTP API: a thin FastAPI layer over `Engine.stream_batch`.
 
 Any client of OpenAI's API (the `openai` libraries, chat front ends, editors) can talk to a tinylm model:
 `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions` (streamed as server-sent events when
@@ -54,8 +54,8 @@ from starlette.exceptions import HTTPException
 
 from tinylm.checkpoint import BEST, LATEST, LoadedModel
 from tinylm.config import SamplingConfig
-from tinylm.generate import Chunk, stream_batch
-from tinylm.prompts import DEFAULT_STOP_STRINGS, TEMPLATE, TextTokenizer, Turn
+from tinylm.generate import Chunk, Engine
+from tinylm.prompts import TEMPLATE, TextTokenizer, Turn
 
 logger = logging.getLogger(__name__)
 
@@ -282,6 +282,7 @@ class BatchScheduler:
 
     def __init__(self, loaded: LoadedModel, *, max_batch_size: int):
         self.loaded = loaded
+        self.engine = Engine(loaded.model, loaded.tokenizer)
         self.max_batch_size = max_batch_size
         self._inbox: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name=f"tinylm-{model_id(loaded)}", daemon=True)
@@ -349,9 +350,7 @@ class BatchScheduler:
         owners = [(job, row) for job in batch for row in range(len(job.rows))]
         logger.debug("answering a batch of %d rows from %d requests", len(owners), len(batch))
         unfinished = {job: len(job.rows) for job in batch}
-        steps = stream_batch(
-            self.loaded.model,
-            self.loaded.tokenizer,
+        steps = self.engine.stream_batch(
             [job.rows[row] for job, row in owners],
             batch[0].sampling,
             stops=[job.stop for job, _ in owners],
@@ -607,7 +606,7 @@ def create_app(*models: LoadedModel, api_key: str | None = None, max_batch_size:
         model = find(body.model)
         prompt = await asyncio.to_thread(chat_prompt, model.loaded.tokenizer, body.messages)
         max_tokens = body.max_completion_tokens or body.max_tokens
-        job = model.job([prompt], body, max_tokens=max_tokens, stop=(*DEFAULT_STOP_STRINGS, *_stops(body)))
+        job = model.job([prompt], body, max_tokens=max_tokens, stop=(*TEMPLATE.stop_strings, *_stops(body)))
         return await _answer(model, job, [prompt], body, CHAT)
 
     @v1.post("/completions")

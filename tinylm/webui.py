@@ -1,4 +1,4 @@
-"""The web page: a Gradio chat over `generate.stream`, on the model's own prompt template.
+"""The web page: a Gradio chat over `Engine.stream`, on the model's own prompt template.
 
 Each browser tab keeps its own conversation (a per-session `gr.State`) and its own choice of
 checkpoint; answers stream through Gradio's queue, so one tab's long answer never freezes another. The
@@ -24,8 +24,8 @@ from PIL import Image
 from tinylm.checkpoint import CheckpointError, LoadedModel, ModelStore
 from tinylm.config import PRESETS, ModelConfig, SamplingConfig
 from tinylm.conversation import Conversation, answer_status, fit_notice
-from tinylm.generate import stream
-from tinylm.prompts import DEFAULT_STOP_STRINGS, Turn
+from tinylm.generate import Engine
+from tinylm.prompts import TEMPLATE, Turn
 
 # Gradio reads this when a Blocks is made and at launch (telemetry and its version check).
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
@@ -161,12 +161,12 @@ def _with(notice: str, status: str) -> str:
     return f"{status}; {notice}" if notice else status
 
 
-def build_app(models: ModelStore, *, redraw_every: float = REDRAW_EVERY) -> gr.Blocks:
+def build_app(models: ModelStore[Engine], *, redraw_every: float = REDRAW_EVERY) -> gr.Blocks:
     """The page for the store's checkpoints, the first shown first (loading it fails here if it is broken).
 
     A streaming answer is redrawn at most every `redraw_every` seconds (0: on every piece of text).
     """
-    first = models.get(models.paths[0])
+    first, _ = models.get(models.paths[0])
     defaults = first.config.sampling
     examples = SYNTHETIC_EXAMPLES if first.config.data.source == "synthetic" else DOLLY_EXAMPLES
 
@@ -194,7 +194,7 @@ def build_app(models: ModelStore, *, redraw_every: float = REDRAW_EVERY) -> gr.B
             repetition_penalty=float(repetition_penalty),
         )
         try:
-            loaded = models.get(checkpoint)
+            loaded, engine = models.get(checkpoint)
         except CheckpointError as exc:
             raise gr.Error(str(exc)) from None
         window = loaded.config.model.max_seq_length
@@ -208,7 +208,7 @@ def build_app(models: ModelStore, *, redraw_every: float = REDRAW_EVERY) -> gr.B
         yield "", "", conversation, _messages(conversation.turns), _with(notice, "generating...")
         answer = ""
         drawn = time.monotonic()
-        for chunk in stream(loaded.model, loaded.tokenizer, prompt, sampling, stop=DEFAULT_STOP_STRINGS):
+        for chunk in engine.stream(prompt, sampling, stop=TEMPLATE.stop_strings):
             answer += chunk.text
             done = chunk.finish_reason is not None
             # Recorded at every piece, so Stop leaves the answer so far in the history, as in the terminal.
@@ -228,7 +228,7 @@ def build_app(models: ModelStore, *, redraw_every: float = REDRAW_EVERY) -> gr.B
 
     def show_model(checkpoint: str) -> tuple[str, Any]:
         try:
-            loaded = models.get(checkpoint)
+            loaded, _ = models.get(checkpoint)
         except CheckpointError as exc:
             raise gr.Error(str(exc)) from None
         curve = loss_curve(loaded.path.parent)
