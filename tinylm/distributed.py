@@ -8,6 +8,7 @@ is a no-op, so the single-process run computes exactly what it did before.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -15,7 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, ParamSpec, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -31,6 +32,7 @@ log = logging.getLogger("tinylm")
 TIMEOUT = timedelta(minutes=10)
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 
 class Objective(nn.Module):
@@ -154,12 +156,20 @@ class World:
         return nullcontext()
 
 
-def record_errors(fn: Callable[..., T]) -> Callable[..., T]:
-    """torchrun's `@record`: an exception is written to the error file torchrun names, so its summary shows
-    which rank failed first and its traceback (outside torchrun it only re-raises)."""
+def record_errors(main: Callable[P, int]) -> Callable[P, int]:
+    """torchrun's `@record` around a process's main function: an exception is written to the error file
+    torchrun names, so its summary shows which rank failed first and its traceback (outside torchrun it
+    only re-raises). `@record` turns `sys.exit(0)` into a return of None: that is exit code 0 here."""
     from torch.distributed.elastic.multiprocessing.errors import record
 
-    return record(fn)
+    recorded = record(main)
+
+    @functools.wraps(main)
+    def run(*args: P.args, **kwargs: P.kwargs) -> int:
+        code = recorded(*args, **kwargs)
+        return 0 if code is None else code
+
+    return run
 
 
 def exit_process(code: int) -> NoReturn:

@@ -16,7 +16,7 @@ import sys
 import time
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 from urllib.parse import urlparse
 
 log = logging.getLogger("tinylm")
@@ -27,6 +27,17 @@ WANDB_DEFAULT_URL = "https://api.wandb.ai"
 # Seconds to wait for the wandb server, instead of wandb's own (minutes long) default.
 WANDB_INIT_TIMEOUT = 20
 WANDB_PROBE_TIMEOUT = 3
+
+WandbMode = Literal["online", "offline", "disabled", "shared"]
+# WANDB_MODE's values and the `mode` each means to `wandb.init` (wandb still reads the old dryrun and run).
+WANDB_MODES: dict[str, WandbMode] = {
+    "online": "online",
+    "offline": "offline",
+    "disabled": "disabled",
+    "shared": "shared",
+    "dryrun": "offline",
+    "run": "online",
+}
 
 
 class Tracker(Protocol):
@@ -164,11 +175,13 @@ def load_dotenv_file() -> None:
     load_dotenv(find_dotenv(usecwd=True), override=False)
 
 
-def _wandb_mode() -> tuple[str, str | None]:
+def _wandb_mode() -> tuple[WandbMode, str | None]:
     """wandb's mode, chosen before `wandb.init` so that it never prompts for a key or waits on a dead
     network: WANDB_MODE if set; offline without a key or without a reachable server; else online."""
-    if os.environ.get("WANDB_MODE"):
-        return os.environ["WANDB_MODE"], None
+    if set_mode := os.environ.get("WANDB_MODE"):
+        if set_mode not in WANDB_MODES:
+            raise ValueError(f"WANDB_MODE={set_mode!r} is not a wandb mode (choose {', '.join(WANDB_MODES)})")
+        return WANDB_MODES[set_mode], None
     url = urlparse(os.environ.get("WANDB_BASE_URL") or WANDB_DEFAULT_URL)
     host = url.hostname or "api.wandb.ai"
     if not os.environ.get("WANDB_API_KEY") and not _netrc_has(host):

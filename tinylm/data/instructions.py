@@ -5,9 +5,10 @@ and micro-batches whose order is a pure function of (seed, epoch) so a run can r
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from tinylm.data.sources import DataError, Record
@@ -51,7 +52,7 @@ def split_records(records: Sequence[Record], *, dataset_size: int, val_fraction:
 
 
 def encode_records(
-    tokenizer: TextTokenizer, records: Sequence[Record], *, max_seq_length: int, train_on_prompt: bool
+    tokenizer: TextTokenizer, records: Iterable[Record], *, max_seq_length: int, train_on_prompt: bool
 ) -> list[EncodedExample]:
     return [
         TEMPLATE.encode_example(
@@ -73,10 +74,17 @@ def collate(examples: Sequence[EncodedExample], pad_id: int) -> tuple[torch.Tens
     targets = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
     for row, e in enumerate(examples):
         n = len(e.tokens) - 1
-        inputs[row, :n] = torch.tensor(e.tokens[:-1])
-        wanted = torch.tensor(e.tokens[1:])
-        targets[row, :n] = torch.where(torch.tensor(e.loss_mask[1:]), wanted, IGNORE_INDEX)
+        tokens, mask = example_tensors(e)
+        inputs[row, :n] = tokens[:-1]
+        targets[row, :n] = torch.where(mask[1:], tokens[1:], IGNORE_INDEX)
     return inputs, targets
+
+
+def example_tensors(example: EncodedExample) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens, loss mask) as tensors, made through numpy, which reads a list several times faster than
+    `torch.tensor` does."""
+    tokens = torch.from_numpy(np.asarray(example.tokens, dtype=np.int64))
+    return tokens, torch.from_numpy(np.asarray(example.loss_mask, dtype=bool))
 
 
 def epoch_order(n_examples: int, *, seed: int, epoch: int) -> list[int]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tinylm.data.instructions import collate
+from tinylm.data.instructions import collate, example_tensors
 from tinylm.model import IGNORE_INDEX
 from tinylm.prompts import EncodedExample
 
@@ -71,9 +71,9 @@ def packed_batch(rows: Sequence[Sequence[EncodedExample]], pad_id: int) -> Batch
         for segment, e in enumerate(row):
             n = len(e.tokens) - 1
             span = slice(start, start + n)
-            inputs[r, span] = torch.tensor(e.tokens[:-1])
-            wanted = torch.tensor(e.tokens[1:])
-            targets[r, span] = torch.where(torch.tensor(e.loss_mask[1:]), wanted, IGNORE_INDEX)
+            tokens, mask = example_tensors(e)
+            inputs[r, span] = tokens[:-1]
+            targets[r, span] = torch.where(mask[1:], tokens[1:], IGNORE_INDEX)
             positions[r, span] = torch.arange(n)
             segments[r, span] = segment
             start += n

@@ -152,10 +152,12 @@ _BAR: dict[str, Any] = {"disable": None, "leave": False, "unit_scale": True}
 def _build_instructions(out: Path, config: Config, tokenizer: Tokenizer, splits: Callable) -> dict[str, Any]:
     train, val = splits()
     log.info("tokenizing %s records of %s", f"{len(train) + len(val):,}", config.data.source)
-    encode = {"max_seq_length": config.model.max_seq_length, "train_on_prompt": config.data.train_on_prompt}
     for name, records in (("train", train), ("val", val)):
         examples = encode_records(
-            tokenizer, tqdm(records, desc=f"tokenizing {name}", unit="records", **_BAR), **encode
+            tokenizer,
+            tqdm(records, desc=f"tokenizing {name}", unit="records", **_BAR),
+            max_seq_length=config.model.max_seq_length,
+            train_on_prompt=config.data.train_on_prompt,
         )
         TokenArrays.from_examples(examples, vocab_size=tokenizer.vocab_size).save(out, name)
     budget = sample_prompt_budget(config.model.max_seq_length)

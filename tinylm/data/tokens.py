@@ -56,8 +56,8 @@ class TokenArrays:
 
     def example(self, index: int) -> EncodedExample:
         start, end = int(self.starts[index]), int(self.starts[index] + self.lengths[index])
-        tokens = self.tokens[start:end].astype(np.int64)
-        mask = np.ones(len(tokens), dtype=bool) if self.mask is None else self.mask[start:end]
+        tokens = self.tokens[start:end].tolist()
+        mask = [True] * len(tokens) if self.mask is None else self.mask[start:end].tolist()
         return EncodedExample(tokens=tokens, loss_mask=mask)
 
     def batch(self, indices: Sequence[int], *, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
