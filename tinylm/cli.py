@@ -323,6 +323,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
             f"cannot serve on {args.host}:{args.port}: the port is taken or the address is not this "
             "machine's; choose another --port or --host"
         ) from None
+    return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -53,7 +53,8 @@ def validation_loss(
     finally:
         model.train(was_training)
     if world is not None:
-        total, count = world.sum(total, count)
+        total, summed = world.sum(total, count)
+        count = int(summed)
     return total / max(count, 1)
 
 

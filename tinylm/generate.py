@@ -10,7 +10,7 @@ terminals or training.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -158,7 +158,7 @@ class Engine:
         *,
         seed: int | None = None,
         use_cache: bool = True,
-    ) -> Iterator[torch.Tensor]:
+    ) -> Generator[torch.Tensor, None, None]:
         """Yield the next token of every row (B,), `sampling.max_new_tokens` times; the caller may stop sooner.
 
         A greedy row gets exactly the tokens it would get alone (sampled rows draw from one generator, which
@@ -231,7 +231,7 @@ class Engine:
         stops: Sequence[Sequence[str]] | None = None,
         max_new_tokens: Sequence[int] | None = None,
         seed: int | None = None,
-    ) -> Iterator[list[Chunk | None]]:
+    ) -> Generator[list[Chunk | None], None, None]:
         """Stream several prompts from one batched pass: each step yields one chunk per row.
 
         A row's chunk is None once that row has finished; its last chunk carries finish_reason and the counts.

@@ -99,6 +99,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if bias is not None:
                 # A (1, chunk) x (chunk, V) product sums the rows faster than probs.sum(0) (docs/benchmarks.md).
                 grad_bias = _accumulate(grad_bias, (probs.new_ones(1, probs.size(0)) @ probs).squeeze(0))
+            assert grad_hidden is not None
             grad_hidden[rows] = probs @ w
             grad_weight = _accumulate(grad_weight, probs.t() @ h[rows])
         if want_grad and grad_weight is None:

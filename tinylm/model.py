@@ -166,6 +166,8 @@ class KVCache:
 
 
 class SinusoidalPositions(nn.Module):
+    table: torch.Tensor
+
     """Fixed sine/cosine position codes (Vaswani et al.), looked up by absolute position."""
 
     def __init__(self, config: ModelConfig):
@@ -254,9 +256,11 @@ class TinyLM(nn.Module):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, std=0.02)
-        for block in self.blocks:
-            for proj in (block.attn.proj, block.ff.down):
-                nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * self.config.n_layers))
+        # The projections that write into the residual stream, scaled so its variance stays put with depth.
+        for module in self.modules():
+            if isinstance(module, CausalSelfAttention | FeedForward):
+                residual = module.proj if isinstance(module, CausalSelfAttention) else module.down
+                nn.init.normal_(residual.weight, std=0.02 / math.sqrt(2 * self.config.n_layers))
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

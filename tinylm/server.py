@@ -409,7 +409,7 @@ class _Served:
                 code="context_length_exceeded",
             )
         defaults = self.loaded.config.sampling
-        options = {
+        options: dict[str, Any] = {
             "max_new_tokens": max_tokens or min(defaults.max_new_tokens, room),
             "temperature": request.temperature,
             "top_p": request.top_p,

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from tinylm.config import ModelConfig, TrainConfig
 from tinylm.model import TinyLM
@@ -124,7 +125,8 @@ def build_optimizer(model: TinyLM, train: TrainConfig, *, fused: bool | None = N
     fused None takes the fused kernel where PyTorch has one for the device (one pass over each tensor
     instead of a loop of small operations); False asks for AdamW's plain per-tensor loop.
     """
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     embeddings = {id(model.embed.weight)}
     for param in model.parameters():
         if not param.requires_grad:

@@ -15,7 +15,7 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -261,7 +261,7 @@ def train_step(
     *,
     dtype: torch.dtype | None = None,
     world: World | None = None,
-    objective: Callable[..., Any] | None = None,
+    objective: nn.Module | None = None,
 ) -> float:
     """One optimizer step over a step's micro-batches; advances `state.step`, returns the mean per-token loss.
 
@@ -270,7 +270,7 @@ def train_step(
     """
     world = world or World()
     device = next(state.model.parameters()).device
-    objective = objective or (lambda *args, **kw: lm_loss(state.model, *args, **kw))
+    objective = objective or world.wrap(state.model, lm_loss)
     state.rng_at_step_start = rng_state()
     (n_targets,) = world.sum(sum(batch.n_targets for batch in batches))
     for group in state.optimizer.param_groups:
@@ -314,7 +314,13 @@ class StepLog:
     counts the training steps since the previous line, not the evaluations or saves between them."""
 
     def __init__(
-        self, trackers: Trackers, state: TrainState, *, every: int, total_steps: int, per_epoch: int
+        self,
+        trackers: Trackers | NoTrackers,
+        state: TrainState,
+        *,
+        every: int,
+        total_steps: int,
+        per_epoch: int,
     ):
         self.trackers, self.state = trackers, state
         self.every, self.total_steps, self.per_epoch = every, total_steps, per_epoch
@@ -597,7 +603,9 @@ def _run(plan: RunPlan, *, progress_bar: bool | None) -> tuple[TrainResult, bool
     return result, state.rng_at_step_start is None
 
 
-def _evaluate(evaluate: Evaluator, state: TrainState, folder: RunFolder, trackers: Trackers) -> str | None:
+def _evaluate(
+    evaluate: Evaluator, state: TrainState, folder: RunFolder, trackers: Trackers | NoTrackers
+) -> str | None:
     """Log an evaluation, keep a new best model, warn of overfitting; "early stopping" when it is time."""
     measured = evaluate()
     trackers.log(measured, step=state.step)
