@@ -1,8 +1,9 @@
-"""Training throughput, side by side: tinylm's configurations and its peers on one synthetic token stream.
+"""Training throughput, side by side: tinylm's configurations and its peers on the same two kinds of data.
 
-Every row trains on the same Dolly-shaped instruction data (Dolly-15k's mix of prompt, context and response
-lengths, filled with tiny Shakespeare's words and tokenized by GPT-2, the prompt masked out of the loss), in
-a fresh subprocess each, so peak memory (RSS) is that configuration's own. Rounds go round-robin over the
+Every row trains on both kinds, tokenized by GPT-2: instructions (Dolly-15k's mix of prompt, context and
+response lengths, filled with tiny Shakespeare's words, the prompt masked out of the loss: the response is
+most of a record's tokens, as in Dolly) and plain text (tiny Shakespeare's 128-token windows, where every
+position is a target and the work is the same for everyone). Each run is a fresh subprocess, so peak memory (RSS) is that configuration's own. Rounds go round-robin over the
 configurations and the table shows medians, so a busy machine slows every row alike. The script measures
 this machine's float32 and bfloat16 matmul peaks itself, and each row's model FLOP/s as a share of them.
 
@@ -10,8 +11,8 @@ this machine's float32 and bfloat16 matmul peaks itself, and each row's model FL
     python benchmarks/train_throughput.py --quick         # smoke test: v1, two steps a row, no torch.compile
     python benchmarks/train_throughput.py --nanogpt ~/src/nanoGPT/model.py   # adds nanoGPT's own model
 
-Tokens/s counts the real (not padding) tokens of the stream a configuration consumed; useful tokens/s only
-those whose loss counts. Model FLOPs are the matrix work the configuration needs (the output layer where it
+Tokens/s counts the real (not padding) tokens of the stream a configuration consumed; "targets" is the share
+of them whose loss counts. Model FLOPs are the matrix work the configuration needs (the output layer where it
 computes it; attention over the full row; activation recomputation not counted).
 """
 
@@ -43,10 +44,8 @@ SHARED = REPO.parent / "shared" / "data"
 SHAKESPEARE = SHARED / "tinyshakespeare.txt"
 GPT2_RANKS = SHARED / "gpt2.tiktoken"
 SEED = 1234
+DATA_KINDS = ("instructions", "text")
 CURVE_AT = (50, 100, 150, 200)
-# The issue's figure for nanoGPT's best (bfloat16 autocast + torch.compile, micro-batch 16, v2 shape),
-# measured on a 2-core Xeon with AMX; quoted when nanoGPT's model.py is not at hand.
-NANOGPT_ISSUE_FIGURE = 2630
 
 # The seed's way to train: float32, one example per micro-batch (1 x 16), each padded, the whole output
 # layer's logits at the counted positions at once, AdamW's default loop.
@@ -272,33 +271,35 @@ def run_tinylm(spec: dict[str, Any]) -> Measured:
 
 
 def peer_rows_of_stream(spec: dict[str, Any], rows: int, ignore: int):
-    """The same training examples, in tinylm's epoch order, concatenated and cut into full 128-token rows:
-    the peers' own recipe (nanoGPT's train.py, transformers' run_clm), with the prompt masked out."""
+    """The same training data as tinylm's rows, in tinylm's epoch order, as full 128-token rows: the peers'
+    own recipe (nanoGPT's train.py, transformers' run_clm). Instruction examples are concatenated and cut
+    into rows, the prompt masked out; text windows are rows as they are, every position a target."""
     import torch
 
-    from tinylm.data.instructions import encode_records, epoch_order, split_records, validation_size
-    from tinylm.data.sources import load_records
-    from tinylm.tokenizer import build_tokenizer
+    from tinylm.data.instructions import epoch_order
+    from tinylm.data.prepare import prepare_data
 
     c = tinylm_config(spec)
-    n_val = validation_size(c.data.dataset_size, c.data.val_fraction)
-    records = load_records(c.data.source, synthetic_size=c.data.dataset_size + n_val, seed=SEED)
-    splits = split_records(
-        records, dataset_size=c.data.dataset_size, val_fraction=c.data.val_fraction, seed=SEED
-    )
-    tokenizer = build_tokenizer("gpt2", gpt2_ranks_path=str(GPT2_RANKS))
-    examples = encode_records(tokenizer, splits.train, max_seq_length=128, train_on_prompt=False)
+    data = prepare_data(c)
+    order = epoch_order(len(data.train), seed=SEED, epoch=0)
+    width = c.model.max_seq_length
+    if data.is_text:
+        windows = torch.tensor([data.train.example(int(i)).tokens for i in order[:rows]])
+        return windows[:, :-1], windows[:, 1:], c.model
     tokens: list[int] = []
     counted: list[bool] = []
-    for i in epoch_order(len(examples), seed=SEED, epoch=0):
-        tokens += examples[i].tokens
-        counted += [False, *examples[i].loss_mask[1:]]
-        if len(tokens) > rows * 128 + 1:
+    for i in order:
+        example = data.train.example(int(i))
+        tokens += example.tokens
+        counted += [False, *example.loss_mask[1:]]
+        if len(tokens) > rows * width + 1:
             break
-    stream = torch.tensor(tokens[: rows * 128 + 1])
-    mask = torch.tensor(counted[: rows * 128 + 1])
-    x = torch.stack([stream[r * 128 : r * 128 + 128] for r in range(rows)])
-    y = torch.stack([torch.where(mask, stream, ignore)[r * 128 + 1 : r * 128 + 129] for r in range(rows)])
+    stream = torch.tensor(tokens[: rows * width + 1])
+    mask = torch.tensor(counted[: rows * width + 1])
+    x = torch.stack([stream[r * width : (r + 1) * width] for r in range(rows)])
+    y = torch.stack(
+        [torch.where(mask, stream, ignore)[r * width + 1 : (r + 1) * width + 1] for r in range(rows)]
+    )
     return x, y, c.model
 
 
@@ -418,11 +419,17 @@ def worker(spec: dict[str, Any]) -> None:
 
 
 def matmul_peaks(repeats: int = 3) -> dict[str, float]:
-    """Best float32 and bfloat16 torch.mm rate (FLOP/s) of 2048^3 products over a few tries."""
+    """Best float32 and bfloat16 torch.mm rate (FLOP/s) of 2048^3 products over a few tries. bfloat16 only
+    where this CPU computes it natively (elsewhere it is emulated, a product takes minutes, and NaN)."""
     import torch
 
-    peaks = {}
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+    from tinylm.runtime import has_fast_bfloat16
+
+    peaks = {"bf16": math.nan}
+    kinds = [("fp32", torch.float32)]
+    if has_fast_bfloat16(torch.device("cpu")):
+        kinds.append(("bf16", torch.bfloat16))
+    for name, dtype in kinds:
         a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
         a @ b
         best = 0.0
@@ -500,6 +507,12 @@ def main() -> None:
     parser.add_argument(
         "--only", help="comma-separated words: keep the rows whose name contains one (e.g. 'default,HF')"
     )
+    parser.add_argument(
+        "--data",
+        default="instructions,text",
+        help="comma-separated data kinds: instructions (Dolly-shaped, prompt masked), text (every position "
+        "counts); default both",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -515,6 +528,9 @@ def main() -> None:
         args.versions, args.rounds, args.steps, args.warmup, args.curve_steps = "v1", 1, 2, 1, 10
         args.no_compile = True
     versions = [v.strip() for v in args.versions.split(",")]
+    kinds = [k.strip() for k in args.data.split(",")]
+    if not set(kinds) <= set(DATA_KINDS):
+        sys.exit(f"error: --data {args.data}: choose from {', '.join(DATA_KINDS)}")
     rows = tinylm_rows(with_compile=not args.no_compile) + peer_rows(
         nanogpt=bool(args.nanogpt), with_compile=not args.no_compile
     )
@@ -528,9 +544,10 @@ def main() -> None:
     raw: dict[str, Any] = {"machine": machine(), "load_before": load(), "peaks": [], "runs": [], "curves": {}}
     print(f"machine: {raw['machine']}; load average {raw['load_before']}", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="tinylm-bench-") as tmp:
-        data = write_data(Path(tmp), dataset_size + dataset_size // 10 + 8)
+        paths = {"instructions": str(write_data(Path(tmp), dataset_size + dataset_size // 10 + 8))}
+        paths["text"] = str(SHAKESPEARE)
         base = {
-            "data": str(data),
+            "data": paths["instructions"],
             "dataset_size": dataset_size,
             "scratch": tmp,
             "nanogpt": args.nanogpt,
@@ -564,16 +581,32 @@ def main() -> None:
                         raw["curves"][spec["name"]] = result["losses"]
         for round_index in range(args.rounds):
             raw["peaks"].append(matmul_peaks())
-            order = [(v, r) for v in versions for r in rows]
+            order = [(v, k, r) for v in versions for k in kinds for r in rows]
             # Rotate the order each round, so no row always runs first or last.
             shift = round_index * len(order) // max(args.rounds, 1)
-            for version, row in order[shift:] + order[:shift]:
-                spec = {**base, **row.__dict__, "preset": version, "warmup": args.warmup, "steps": args.steps}
-                print(f"round {round_index + 1}: {version} {row.name} (load {load()})", file=sys.stderr)
+            for version, kind, row in order[shift:] + order[:shift]:
+                spec = {
+                    **base,
+                    **row.__dict__,
+                    "data": paths[kind],
+                    "preset": version,
+                    "warmup": args.warmup,
+                    "steps": args.steps,
+                }
+                print(
+                    f"round {round_index + 1}: {version} {kind} {row.name} (load {load()})", file=sys.stderr
+                )
                 result = run_worker(spec)
                 if result:
                     raw["runs"].append(
-                        {"version": version, "row": row.name, "round": round_index, "load": load(), **result}
+                        {
+                            "version": version,
+                            "data": kind,
+                            "row": row.name,
+                            "round": round_index,
+                            "load": load(),
+                            **result,
+                        }
                     )
     raw["load_after"] = load()
     if args.json:
@@ -582,7 +615,7 @@ def main() -> None:
 
 
 def report(raw: dict[str, Any], versions: list[str], rows: list[Row], args: argparse.Namespace) -> str:
-    lines = throughput_table(raw, versions, rows, args) if raw["peaks"] else ["(no throughput rounds)"]
+    lines = throughput_table(raw, versions, rows, args) if raw["runs"] else ["(no throughput rounds)"]
     if raw["curves"]:
         lines += ["", *curve_table(raw, args)]
     return "\n".join(lines)
@@ -592,47 +625,49 @@ def throughput_table(
     raw: dict[str, Any], versions: list[str], rows: list[Row], args: argparse.Namespace
 ) -> list[str]:
     peak = {k: max(p[k] for p in raw["peaks"]) for k in ("fp32", "bf16")}
+    bf16 = "not native on this CPU" if math.isnan(peak["bf16"]) else f"{peak['bf16'] / 1e9:,.0f} GFLOP/s"
     lines = [
         f"Machine: {raw['machine']}. Load average before {raw['load_before']}, after {raw['load_after']}.",
         f"Measured matmul peak (2048^3 torch.mm, best of {len(raw['peaks'])} rounds): "
-        f"float32 {peak['fp32'] / 1e9:,.0f} GFLOP/s, bfloat16 {peak['bf16'] / 1e9:,.0f} GFLOP/s.",
+        f"float32 {peak['fp32'] / 1e9:,.0f} GFLOP/s, bfloat16 {bf16}.",
         f"Medians of {args.rounds} round(s) of {args.steps} steps after {args.warmup} warm-up step(s); "
-        "effective batch 16 examples (tinylm) or 16 rows of 128 tokens (peers).",
+        "effective batch 16 examples or windows (tinylm) or 16 rows of 128 tokens (peers). Targets: the share "
+        "of real tokens whose loss counts.",
         "",
-        "| model | configuration | tokens/s | useful tokens/s | x HF best | x nanoGPT best | model GFLOP/s "
+        "| model | data | configuration | tokens/s | targets | x HF best | x nanoGPT best | model GFLOP/s "
         "| % bf16 peak | % fp32 peak | peak RSS MiB | warm-up s |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
+    kinds = [k for k in DATA_KINDS if any(r.get("data") == k for r in raw["runs"])]
     for version in versions:
-        stats = {}
-        for row in rows:
-            runs = [r for r in raw["runs"] if r["version"] == version and r["row"] == row.name]
-            if runs:
-                stats[row.name] = {
-                    "tokens": median_of(runs, "tokens"),
-                    "useful": median_of(runs, "useful"),
-                    "flops": median_of(runs, "flops"),
-                    "rss": statistics.median(r["rss"] for r in runs),
-                    "first": statistics.median(r["first_steps"] for r in runs),
-                }
-        hf_best = max((s["tokens"] for n, s in stats.items() if n.startswith("HF")), default=float("nan"))
-        # Without nanoGPT's model.py at hand, v2 compares with the issue's figure for its best.
-        nano_best = max(
-            (s["tokens"] for n, s in stats.items() if n.startswith("nanoGPT")),
-            default=NANOGPT_ISSUE_FIGURE if version == "v2" else float("nan"),
-        )
-        for name, s in stats.items():
-            lines.append(
-                f"| {version} | {name} | {s['tokens']:,.0f} | {s['useful']:,.0f} "
-                f"| {ratio(s['tokens'], hf_best)} | {ratio(s['tokens'], nano_best)} "
-                f"| {s['flops'] / 1e9:,.1f} | {100 * s['flops'] / peak['bf16']:.0f}% "
-                f"| {100 * s['flops'] / peak['fp32']:.0f}% | {s['rss'] / 2**20:,.0f} | {s['first']:.1f} |"
+        for kind in kinds:
+            stats = {}
+            for row in rows:
+                runs = [
+                    r
+                    for r in raw["runs"]
+                    if r["version"] == version and r.get("data") == kind and r["row"] == row.name
+                ]
+                if runs:
+                    stats[row.name] = {
+                        "tokens": median_of(runs, "tokens"),
+                        "useful": median_of(runs, "useful"),
+                        "flops": median_of(runs, "flops"),
+                        "rss": statistics.median(r["rss"] for r in runs),
+                        "first": statistics.median(r["first_steps"] for r in runs),
+                    }
+            hf_best = max((s["tokens"] for n, s in stats.items() if n.startswith("HF")), default=math.nan)
+            nano_best = max(
+                (s["tokens"] for n, s in stats.items() if n.startswith("nanoGPT")), default=math.nan
             )
-        if version == "v2" and not any(n.startswith("nanoGPT") for n in stats):
-            lines.append(
-                f"| {version} | nanoGPT bf16 + compile (issue's figure, v2 only; not measured here) "
-                f"| {NANOGPT_ISSUE_FIGURE:,} | | | | | | | | |"
-            )
+            for name, s in stats.items():
+                share = f"{100 * s['flops'] / peak['bf16']:.0f}%" if not math.isnan(peak["bf16"]) else ""
+                lines.append(
+                    f"| {version} | {kind} | {name} | {s['tokens']:,.0f} | {100 * s['useful'] / s['tokens']:.0f}% "
+                    f"| {ratio(s['tokens'], hf_best)} | {ratio(s['tokens'], nano_best)} "
+                    f"| {s['flops'] / 1e9:,.1f} | {share} "
+                    f"| {100 * s['flops'] / peak['fp32']:.0f}% | {s['rss'] / 2**20:,.0f} | {s['first']:.1f} |"
+                )
     return lines
 
 

@@ -119,3 +119,21 @@ def test_a_full_disk_while_saving_is_one_line_and_leaves_no_partial_file(small_d
     line = one_error_line(capsys)
     assert line.startswith(f"error: {out / 'latest.pt'}: could not be written: ") and "disk" in line
     assert not [p for p in Path(out).iterdir() if p.suffix in (".pt", ".tmp")]
+
+
+def test_a_csv_field_longer_than_pythons_default_limit_is_read(tmp_path):
+    from tinylm.data.sources import read_local
+
+    context = "word " * 40_000  # 200,000 characters, over csv's default 131,072
+    path = tmp_path / "long.csv"
+    path.write_text(f'instruction,context,response\nSummarise.,"{context}",Short.\n', encoding="utf-8")
+    (record,) = read_local(path)
+    assert record.context == context and record.response == "Short."
+
+
+def test_a_malformed_csv_names_its_line(tmp_path, capsys, tiny_set_args):
+    path = tmp_path / "bad.csv"
+    path.write_text('instruction,response\nfine,yes\n"unclosed,no\n', encoding="utf-8")
+    args = ["train", *tiny_set_args, "--quiet", "--data", str(path), "--out", str(tmp_path / "run")]
+    assert exit_code(args) == 2
+    assert f"{path}:" in one_error_line(capsys)

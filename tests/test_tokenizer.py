@@ -245,3 +245,18 @@ def test_unknown_kind() -> None:
 def test_bad_saved_state(state: dict, match: str) -> None:
     with pytest.raises(TokenizerError, match=match):
         tokenizer_from_dict(state)
+
+
+def test_bpe_training_cuts_long_unbroken_runs_so_no_token_spans_more_than_the_limit() -> None:
+    """A long run without a space trains in linear time: no pre-token (so no merged token) is longer
+    than BPE_MAX_WORD bytes, and the text still round-trips exactly."""
+    from tinylm.tokenizer import BPE_MAX_WORD
+
+    run = "ACGT" * 50_000  # 200,000 characters, no space
+    tok = build_tokenizer("bpe", texts=[run, "an ordinary sentence, with words."], vocab_size=600)
+    ids = tok.encode(run)
+    assert tok.decode(ids) == run
+    assert max(len(tok.decode([i]).encode()) for i in set(ids)) <= BPE_MAX_WORD
+    assert len(ids) < len(run) // 8  # it still learned long merges inside the run
+    words = "an ordinary sentence, with words."
+    assert tok.decode(tok.encode(words)) == words

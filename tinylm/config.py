@@ -14,6 +14,9 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, get_type_hints
 
+# Config files are a few hundred bytes; anything far larger is not one.
+MAX_CONFIG_BYTES = 1 << 20
+
 
 class ConfigError(ValueError):
     """A config problem a user must fix; the message names the field or file."""
@@ -172,7 +175,7 @@ class Config:
         ]
         for ok, name, why in checks:
             if not ok:
-                raise ConfigError(f"config field {name} = {_field_value(self, name)!r} {why}")
+                raise ConfigError(f"config field {name} = {_shown(_field_value(self, name))} {why}")
         return self
 
 
@@ -254,7 +257,7 @@ def resolve_key(key: str) -> tuple[str, str]:
     section, _, name = path.partition(".")
     cls = _SECTIONS.get(section)
     if cls is None or name not in {f.name for f in fields(cls)}:
-        raise ConfigError(f"unknown config field {key!r}")
+        raise ConfigError(f"unknown config field {_shown(key)}")
     return section, name
 
 
@@ -283,7 +286,7 @@ def _coerce(section: str, name: str, value: Any, origin: str) -> Any:
                 return float(text)
         except ValueError:
             raise ConfigError(
-                f"{origin}: field {section}.{name} wants {base.__name__}, got {value!r}"
+                f"{origin}: field {section}.{name} wants {base.__name__}, got {_shown(value)}"
             ) from None
         return text
     if value is None and optional:
@@ -293,7 +296,7 @@ def _coerce(section: str, name: str, value: Any, origin: str) -> Any:
     if base is int and isinstance(value, float) and value.is_integer():
         return int(value)
     if not isinstance(value, base) or (base is int and isinstance(value, bool)):
-        raise ConfigError(f"{origin}: field {section}.{name} wants {base.__name__}, got {value!r}")
+        raise ConfigError(f"{origin}: field {section}.{name} wants {base.__name__}, got {_shown(value)}")
     return value
 
 
@@ -311,39 +314,74 @@ def parse_set_args(items: list[str]) -> dict[str, str]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"--set wants key=value, got {item!r}")
+            raise ConfigError(f"--set wants key=value, got {_shown(item)}")
         out[key.strip()] = value
     return out
 
 
-def _flatten(data: dict[str, Any], origin: str) -> dict[str, Any]:
+def _shown(value: Any, limit: int = 60) -> str:
+    """repr(value) for an error message, cut short: a message stays one readable line whatever the input."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
+def _flatten(data: dict[Any, Any], origin: str) -> dict[str, Any]:
     """Nested sections and flat seed names both become dotted keys."""
     flat: dict[str, Any] = {}
     for key, value in data.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"{origin}: field names must be text, got {_shown(key)}")
         if key in _SECTIONS:
             if not isinstance(value, dict):
                 raise ConfigError(f"{origin}: section {key!r} must be a table of fields")
             for sub, v in value.items():
+                if not isinstance(sub, str):
+                    raise ConfigError(f"{origin}: field names in [{key}] must be text, got {_shown(sub)}")
                 flat[f"{key}.{sub}"] = v
         else:
             flat[key] = value
     return flat
 
 
+def _yaml_loader() -> type:
+    """YAML's safe loader without anchors and aliases: a config needs none, and nested aliases (a "billion
+    laughs" file) expand to more data than any machine holds."""
+    import yaml
+
+    class NoAliasLoader(yaml.SafeLoader):
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent):
+                raise yaml.composer.ComposerError(
+                    None,
+                    None,
+                    "aliases (*name) are not allowed in a config file",
+                    self.peek_event().start_mark,
+                )
+            return super().compose_node(parent, index)
+
+    return NoAliasLoader
+
+
 def load_config_file(path: str | Path, *, base: Config = V2) -> Config:
     """Read a YAML or TOML file: fields that override `base`, or the file's own `preset` key if it has one."""
     path = Path(path)
     try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: {path.stat().st_size:,} bytes is too large for a config file")
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte {exc.start} is {exc.object[exc.start]:#04x})"
+        ) from None
     try:
         if path.suffix == ".toml":
             data = tomllib.loads(text)
         elif path.suffix in (".yaml", ".yml"):
             import yaml
 
-            data = yaml.safe_load(text) or {}
+            data = yaml.load(text, Loader=_yaml_loader()) or {}  # a safe loader, without aliases
         elif path.suffix == ".json":
             data = json.loads(text)
         else:

@@ -20,6 +20,9 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 EOS = "<|endoftext|>"
+# The longest pre-token a trained BPE sees, in bytes (see `_train_bpe`); part of a trained tokenizer's
+# cache key, since changing it changes what training makes.
+BPE_MAX_WORD = 64
 GPT2_RANKS_ENV = "TINYLM_GPT2_TIKTOKEN"
 GPT2_RANKS_URL = "https://openaipublic.blob.core.windows.net/encodings/gpt2.tiktoken"
 DEFAULT_BPE_VOCAB_SIZE = 8192
@@ -229,10 +232,18 @@ def _train_bpe(texts: Iterable[str] | None, vocab_size: int) -> BPETokenizer:
     if isinstance(texts, str):  # one string is an Iterable[str] of characters; the caller means one text
         texts = [texts]
     tok = tokenizers.Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # GPT-2's split into words, then words longer than BPE_MAX_WORD bytes cut into pieces of that length:
+    # training merges within each word, which takes time quadratic in its length, so one long run without
+    # a space (a minified file, a DNA string) would take hours. Ordinary words are far shorter.
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+            pre_tokenizers.Split(tokenizers.Regex(f".{{1,{BPE_MAX_WORD}}}"), behavior="isolated"),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[EOS], initial_alphabet=alphabet, show_progress=False
+        vocab_size=vocab_size, special_tokens=[EOS], initial_alphabet=alphabet, show_progress=True
     )
     tok.train_from_iterator(texts, trainer=trainer)
     return BPETokenizer(tok)

@@ -26,7 +26,7 @@ from tinylm.data.sources import DataError, load_records, records_fingerprint
 from tinylm.data.text import is_text_source, read_documents, split_documents, text_fingerprint, token_stream
 from tinylm.data.tokens import TokenArrays
 from tinylm.prompts import TEMPLATE
-from tinylm.tokenizer import Tokenizer, build_tokenizer, tokenizer_from_dict
+from tinylm.tokenizer import BPE_MAX_WORD, Tokenizer, build_tokenizer, tokenizer_from_dict
 
 log = logging.getLogger("tinylm")
 
@@ -140,7 +140,12 @@ def _build_tokenizer(
         (out / "tokenizer.json").write_text(json.dumps(tokenizer.to_dict()))
         return {}
 
-    key = {**data_key, "bpe_vocab_size": d.bpe_vocab_size, "template": TEMPLATE.version}
+    key = {
+        **data_key,
+        "bpe_vocab_size": d.bpe_vocab_size,
+        "bpe_max_word": BPE_MAX_WORD,
+        "template": TEMPLATE.version,
+    }
     folder, _ = load_or_build("tokenizers", key, train)
     return tokenizer_from_dict(json.loads((folder / "tokenizer.json").read_text()))
 

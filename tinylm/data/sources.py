@@ -90,11 +90,20 @@ def _read_json(path: Path) -> Iterable[Record]:
     return (_to_record(raw, f"{path}: record {i}") for i, raw in enumerate(data, start=1))
 
 
+# Python's csv module refuses fields over 131,072 characters by default; a long context passage is data,
+# not an error, so allow fields as long as the reader can hold.
+CSV_FIELD_LIMIT = 2**31 - 1
+
+
 def _read_csv(path: Path) -> Iterable[Record]:
+    csv.field_size_limit(CSV_FIELD_LIMIT)
     with path.open(encoding="utf-8", newline="") as f:
         reader = csv.DictReader(f)
-        # Line numbers count the header as line 1, as an editor shows them.
-        yield from (_to_record(row, f"{path}:{i}") for i, row in enumerate(reader, start=2))
+        try:
+            # Line numbers count the header as line 1, as an editor shows them.
+            yield from (_to_record(row, f"{path}:{i}") for i, row in enumerate(reader, start=2))
+        except csv.Error as exc:
+            raise DataError(f"{path}:{reader.line_num}: malformed CSV ({exc})") from None
 
 
 def _read_parquet(path: Path) -> Iterable[Record]:
