@@ -36,7 +36,7 @@ def test_field_names_that_are_not_text(tmp_path, text, shown):
 def test_a_file_that_is_not_utf8(tmp_path):
     path = tmp_path / "latin1.toml"
     path.write_bytes("d_model = 64 # caf\u00e9\n".encode("latin-1"))
-    with pytest.raises(ConfigError, match=r"latin1\.toml: not UTF-8 text \(byte 17 is 0xe9\)"):
+    with pytest.raises(ConfigError, match=r"latin1\.toml: not UTF-8 text \(byte 18 is 0xe9\)"):
         load_config_file(path)
 
 

@@ -98,7 +98,7 @@ CSV_FIELD_LIMIT = 2**31 - 1
 def _read_csv(path: Path) -> Iterable[Record]:
     csv.field_size_limit(CSV_FIELD_LIMIT)
     with path.open(encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
+        reader = csv.DictReader(f, strict=True)
         try:
             # Line numbers count the header as line 1, as an editor shows them.
             yield from (_to_record(row, f"{path}:{i}") for i, row in enumerate(reader, start=2))
