@@ -528,7 +528,10 @@ def write_gguf(
     overwrite: bool = False,
 ) -> Path:
     """A GGUF file that llama.cpp runs: its gpt2 or llama architecture, the tokenizer as a byte-level BPE."""
-    import gguf
+    try:
+        import gguf
+    except ImportError:
+        raise InterchangeError("--to gguf needs the gguf package: pip install 'tinylm[gguf]'") from None
     import numpy as np
 
     config = model.config
