@@ -110,11 +110,16 @@ def weight_parts(config: ModelConfig) -> list[Part]:
 
 
 def is_hf_model(source: str | Path) -> bool:
-    """`hf:NAME`, or a folder with a Hugging Face config.json (and no tinylm checkpoint in it)."""
+    """`hf:NAME`, or a folder whose config.json is a Hugging Face one (a run folder's is tinylm's own)."""
     path = Path(source)
     if str(source).startswith(HF_PREFIX):
         return True
-    return path.is_dir() and (path / "config.json").is_file() and not any(path.glob("*.pt"))
+    if not (path / "config.json").is_file() or any(path.glob("*.pt")):
+        return False
+    try:
+        return "model_type" in json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def read_hf(source: str | Path) -> ImportedModel:
