@@ -260,7 +260,9 @@ def test_a_bad_folder_is_one_line_naming_what_is_wrong(tmp_path, tokenizers_by_k
 
 
 def test_a_hub_name_fails_fast_offline():
-    with pytest.raises(CheckpointError, match=r"hf:someone/some-model from the Hugging Face Hub .the Hub cannot be reached"):
+    with pytest.raises(
+        CheckpointError, match=r"hf:someone/some-model from the Hugging Face Hub .the Hub cannot be reached"
+    ):
         load_model("hf:someone/some-model")
 
 

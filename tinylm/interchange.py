@@ -511,9 +511,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 tokenizer = AutoTokenizer.from_pretrained("THIS_FOLDER")
 model = AutoModelForCausalLM.from_pretrained("THIS_FOLDER")
 messages = [{{"role": "user", "content": "Name three primary colours."}}]
-ids = tokenizer.apply_chat_template(messages, return_tensors="pt", add_generation_prompt=True)
-out = model.generate(ids, max_new_tokens=64)
-print(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+inputs = tokenizer.apply_chat_template(
+    messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+)
+out = model.generate(**inputs, max_new_tokens=64)
+print(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
 ```
 
 Stop at `{EOS}` (the end-of-sequence token) or at a new `### Instruction:`.
