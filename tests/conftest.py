@@ -96,6 +96,16 @@ def tiny_model():
     return make
 
 
+# Each architecture's fields for the tiny models; llama's 2 query heads share one key/value head (GQA).
+ARCHITECTURES = {"tinylm": {}, "gpt2": {"arch": "gpt2"}, "llama": {"arch": "llama", "n_kv_heads": 1}}
+
+
+@pytest.fixture(params=list(ARCHITECTURES))
+def arch(request) -> dict[str, object]:
+    """Model fields that select each architecture in turn: a test taking it runs once per architecture."""
+    return ARCHITECTURES[request.param]
+
+
 @pytest.fixture(scope="session")
 def gpt2_ranks() -> Path:
     if not GPT2_RANKS.is_file():

@@ -12,8 +12,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "tinylm"
 LAYERS = [
     {"config", "prompts", "tokenizer", "tracking", "kernels", "data.cache", "data.synthetic"},
     {"runtime", "plot", "model", "data.sources"},
-    {"distributed", "loss", "generate", "checkpoint", "state", "data.instructions"},
-    {"conversation", "data.tokens"},
+    {"distributed", "loss", "generate", "interchange", "state", "data.instructions"},
+    {"checkpoint", "conversation", "data.tokens"},
     {"chat", "server", "webui", "run_folder", "data.packing", "data.text"},
     {"data.prepare"},
     {"evaluate"},

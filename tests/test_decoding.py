@@ -54,20 +54,25 @@ def test_greedy_rows_get_the_models_own_argmax_alone_and_in_a_batch(random_model
 
 
 @pytest.mark.parametrize("use_cache", [True, False])
-def test_batched_rows_equal_each_prompt_alone_past_the_window(random_model, use_cache):
-    engine = Engine(random_model(), TOK)
+def test_batched_rows_equal_each_prompt_alone_past_the_window(random_model, use_cache, arch):
+    engine = Engine(random_model(**arch), TOK)
     together = generated(engine, PROMPTS, use_cache=use_cache)
     assert together == [generated(engine, [p], use_cache=use_cache)[0] for p in PROMPTS]
     assert len({tuple(row) for row in together}) == len(PROMPTS)  # the rows really differ
 
 
-@pytest.mark.parametrize("which", ["random", "memorised"])
-def test_cached_decoding_equals_uncached_past_the_context_window(random_model, memorised, which):
-    model = random_model() if which == "random" else memorised[0]
-    prompt = ids(10, seed=2) if which == "random" else TEMPLATE.encode_prompt(TOK, "Greet me.")
-    # 200 new tokens: the window (16 or 64 tokens) slides and is prefilled again several times.
+def test_cached_decoding_equals_uncached_past_the_context_window(random_model, arch):
+    # 200 new tokens: the 16-token window slides and is prefilled again several times.
     sampling = replace(GREEDY, max_new_tokens=200)
-    engine = Engine(model, TOK)
+    engine = Engine(random_model(**arch), TOK)
+    prompt = ids(10, seed=2)
+    assert generated(engine, [prompt], sampling) == generated(engine, [prompt], sampling, use_cache=False)
+
+
+def test_a_trained_models_cached_decoding_equals_uncached_past_the_context_window(memorised):
+    sampling = replace(GREEDY, max_new_tokens=200)  # the 64-token window slides several times
+    engine = Engine(memorised[0], TOK)
+    prompt = TEMPLATE.encode_prompt(TOK, "Greet me.")
     assert generated(engine, [prompt], sampling) == generated(engine, [prompt], sampling, use_cache=False)
 
 

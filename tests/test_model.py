@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from tinylm.config import ModelConfig, preset
+from tinylm.config import ARCHITECTURES, ModelConfig, preset
 from tinylm.loss import lm_loss
-from tinylm.model import IGNORE_INDEX, KVCache, TinyLM, parameter_count
+from tinylm.model import DESIGNS, IGNORE_INDEX, KVCache, TinyLM, parameter_count
 
 GPT2_VOCAB = 50257
 
@@ -19,8 +19,8 @@ def tiny_model(seed: int = 0, **overrides) -> TinyLM:
 
 
 @pytest.mark.parametrize("t", [0, 5, 18])
-def test_changing_a_later_token_leaves_earlier_logits_unchanged(t):
-    model = tiny_model()
+def test_changing_a_later_token_leaves_earlier_logits_unchanged(t, arch):
+    model = tiny_model(**arch)
     ids = torch.randint(0, 257, (2, 20), generator=torch.Generator().manual_seed(1))
     changed = ids.clone()
     changed[:, t + 1] = (changed[:, t + 1] + 1) % 257
@@ -44,14 +44,38 @@ def test_parameter_counts_of_the_presets(name, tied, count):
     assert model.num_parameters() == count
 
 
+def test_every_architecture_has_a_design():
+    assert set(DESIGNS) == set(ARCHITECTURES)
+
+
+@pytest.mark.parametrize(("name", "count"), [("v2-gpt2", 11_453_760), ("v2-llama", 11_223_936)])
+def test_parameter_counts_of_the_other_architectures(name, count):
+    config = preset(name).model
+    assert parameter_count(config) == count
+    with torch.device("meta"):
+        assert TinyLM(config).num_parameters() == count
+
+
+@pytest.mark.parametrize("arch_name", ["gpt2", "llama"])
+def test_the_other_architectures_have_no_output_bias_even_untied(arch_name):
+    model = tiny_model(arch=arch_name, tie_weights=False)
+    assert model.head.bias is None and model.head.weight is not model.embed.weight
+
+
+def test_grouped_query_attention_caches_only_its_key_value_heads():
+    model = tiny_model(arch="llama", n_kv_heads=1)
+    cache = KVCache(model.config, 3, device="cpu", dtype=torch.float32)
+    assert cache.keys.shape == (2, 3, 1, 64, 16)
+
+
 def test_tied_head_shares_the_embedding_and_has_no_bias():
     model = tiny_model(tie_weights=True)
     assert model.head.weight is model.embed.weight
     assert model.head.bias is None
 
 
-def test_cached_prefill_and_steps_equal_the_uncached_forward():
-    model = tiny_model()
+def test_cached_prefill_and_steps_equal_the_uncached_forward(arch):
+    model = tiny_model(**arch)
     ids = torch.randint(0, 257, (2, 30), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         full = model(ids)

@@ -42,8 +42,8 @@ def packed_logits(model: TinyLM, rows: list[list[EncodedExample]]) -> torch.Tens
     return model(batch.inputs, positions=batch.positions, segments=batch.segments)
 
 
-def test_a_packed_example_has_the_logits_it_has_alone(tiny_model):
-    model = tiny_model().eval()
+def test_a_packed_example_has_the_logits_it_has_alone(tiny_model, arch):
+    model = tiny_model(**arch).eval()
     examples = [example(n, prompt=3, seed=n) for n in (20, 12, 25, 7)]
     with torch.no_grad():
         packed = packed_logits(model, [examples])[0]

@@ -1,7 +1,8 @@
 """The one checkpoint format: versioned, written atomically, loaded without unpickling code.
 
 A checkpoint alone rebuilds its model: it carries the config, the tokenizer and the weights, so inference
-never needs the training data or the network.
+never needs the training data or the network. Wherever a checkpoint is read, a Hugging Face model (a folder,
+or hf:NAME) may stand in for it (`interchange.read_hf`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any, Generic, TypeVar
 
 import torch
 
+from tinylm import interchange
 from tinylm.config import Config, ConfigError, config_from_dict
 from tinylm.model import TinyLM
 from tinylm.tokenizer import Tokenizer, TokenizerError, tokenizer_from_dict
@@ -126,7 +128,10 @@ def _run_model(folder: Path) -> Path | None:
 
 
 def resolve_checkpoint_path(path: str | Path) -> Path:
-    """A checkpoint file, or a run folder (its best model, else its latest checkpoint)."""
+    """A checkpoint file, or a run folder (its best model, else its latest checkpoint); a Hugging Face model
+    is itself."""
+    if interchange.is_hf_model(path):
+        return Path(path)
     path = Path(path)
     if path.is_dir():
         found = _run_model(path)
@@ -156,9 +161,9 @@ def find_checkpoints(path: str | Path) -> list[Path]:
     A file is itself; a folder gives its own *.pt files (best, latest, then by step) and the best (else
     latest) model of each run folder inside it.
     """
-    path = Path(path)
-    if not path.is_dir():
+    if not Path(path).is_dir() or interchange.is_hf_model(path):
         return [resolve_checkpoint_path(path)]
+    path = Path(path)
 
     def order(file: Path) -> tuple[int, int, str]:
         rank = {BEST: 0, LATEST: 1}.get(file.name, 2)
@@ -207,7 +212,15 @@ def read_checkpoint(path: str | Path) -> tuple[Path, dict[str, Any]]:
 
 
 def load_model(path: str | Path, *, device: torch.device | str = "cpu") -> LoadedModel:
-    """Rebuild the model, config and tokenizer from a checkpoint, in eval mode on `device`."""
+    """Rebuild the model, config and tokenizer from a checkpoint (or a Hugging Face model), in eval mode
+    on `device`."""
+    if interchange.is_hf_model(path):
+        try:
+            hf = interchange.read_hf(path)
+        except interchange.InterchangeError as exc:
+            raise CheckpointError(str(exc)) from None
+        info = {"step": 0, "imported_from": str(path)}
+        return LoadedModel(hf.model.to(device), hf.config, hf.tokenizer, hf.folder, info)
     path, payload = read_checkpoint(path)
     return model_from_payload(path, payload, device=device)
 

@@ -13,6 +13,10 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
+CHECKPOINT_HELP = (
+    "a checkpoint, a run folder, or a Hugging Face model (a folder with safetensors, or hf:NAME)"
+)
+
 
 def _bounded_int(text: str, lowest: int, highest: int, what: str) -> int:
     try:
@@ -62,7 +66,7 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a model (the v2 preset on Dolly by default)")
-    train.add_argument("--preset", help="v1, v2 (default) or demo")
+    train.add_argument("--preset", help="v1, v2 (default), v2-gpt2, v2-llama or demo")
     train.add_argument("--config", metavar="FILE", help="a YAML or TOML config file (see configs/)")
     train.add_argument(
         "--set",
@@ -85,7 +89,10 @@ def _build_parser() -> argparse.ArgumentParser:
         "--resume", metavar="PATH", help="continue the run in this folder (or from this checkpoint)"
     )
     train.add_argument(
-        "--init-from", metavar="CHECKPOINT", help="start a new run from this model's weights and tokenizer"
+        "--init-from",
+        metavar="CHECKPOINT",
+        help="start a new run from this model's weights and tokenizer: a checkpoint, or a Hugging Face GPT-2 "
+        "or Llama model (a folder with safetensors, or hf:NAME)",
     )
     train.add_argument(
         "--overwrite", action="store_true", help="start afresh in --out, deleting the run there"
@@ -101,7 +108,7 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser(
         "eval", help="validation loss, perplexity and (for synthetic data) exact-match answers"
     )
-    evaluate.add_argument("--checkpoint", required=True, metavar="PATH")
+    evaluate.add_argument("--checkpoint", required=True, metavar="PATH", help=CHECKPOINT_HELP)
     evaluate.add_argument("--data", metavar="SOURCE", help="default: the data the checkpoint was trained on")
     evaluate.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     evaluate.add_argument(
@@ -110,7 +117,7 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--show", type=int, default=10, help="how many answers to print (default 10)")
 
     generate = sub.add_parser("generate", help="answer one prompt (or --chat)")
-    generate.add_argument("--checkpoint", required=True, metavar="PATH")
+    generate.add_argument("--checkpoint", required=True, metavar="PATH", help=CHECKPOINT_HELP)
     generate.add_argument("--prompt", help="the instruction to answer")
     generate.add_argument("--context", default="", help="Dolly's optional context passage")
     generate.add_argument("--chat", action="store_true", help="open an interactive chat instead")
@@ -121,7 +128,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_sampling_flags(generate)
 
     chat = sub.add_parser("chat", help="interactive multi-turn chat in the terminal")
-    chat.add_argument("--checkpoint", required=True, metavar="PATH")
+    chat.add_argument("--checkpoint", required=True, metavar="PATH", help=CHECKPOINT_HELP)
     chat.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     _add_sampling_flags(chat)
 
@@ -149,6 +156,20 @@ def _build_parser() -> argparse.ArgumentParser:
         help="answer up to this many requests in one pass (1: one by one)",
     )
     serve.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+
+    export = sub.add_parser(
+        "export", help="write a model for transformers (--to hf) or llama.cpp (--to gguf)"
+    )
+    export.add_argument("--checkpoint", required=True, metavar="PATH", help="a checkpoint or run folder")
+    export.add_argument(
+        "--to",
+        nargs=2,
+        required=True,
+        metavar=("FORMAT", "PATH"),
+        help="hf DIR: a Hugging Face folder (safetensors, config, tokenizer, model card); gguf FILE: llama.cpp",
+    )
+    export.add_argument("--dtype", default="f32", help="GGUF weights: f32 (default), f16 or q8_0")
+    export.add_argument("--overwrite", action="store_true", help="replace PATH if it exists")
     return parser
 
 
@@ -393,6 +414,38 @@ def _synthetic_answers(args: argparse.Namespace, loaded) -> None:
     print(f"exact-match accuracy: {right}/{len(answers)} = {right / len(answers):.1%} (greedy decoding)")
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    import shlex
+
+    from tinylm.checkpoint import load_model
+    from tinylm.interchange import model_card, write_gguf, write_hf
+
+    kind, path = args.to
+    if kind not in ("hf", "gguf"):
+        raise _UsageError(f"--to {kind} is not a format: use --to hf DIR or --to gguf FILE")
+    loaded = load_model(args.checkpoint)
+    if kind == "hf":
+        overwrite = ["--overwrite"] if args.overwrite else []
+        command = shlex.join(
+            ["tinylm", "export", "--checkpoint", args.checkpoint, "--to", kind, path, *overwrite]
+        )
+        card = model_card(loaded.config, loaded.tokenizer, info=loaded.info, command=command)
+        written = write_hf(
+            loaded.model, loaded.config, loaded.tokenizer, path, card=card, overwrite=args.overwrite
+        )
+    else:
+        written = write_gguf(
+            loaded.model,
+            loaded.tokenizer,
+            path,
+            dtype=args.dtype,
+            name=loaded.path.parent.name if loaded.path.suffix == ".pt" else loaded.path.name,
+            overwrite=args.overwrite,
+        )
+    print(f"wrote {written}")
+    return 0
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     from tinylm.plot import plot_runs
 
@@ -410,6 +463,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from tinylm.config import ConfigError
     from tinylm.data.cache import CacheError
     from tinylm.data.sources import DataError
+    from tinylm.interchange import InterchangeError
     from tinylm.plot import PlotError
     from tinylm.run_folder import RunFolderError
     from tinylm.runtime import DeviceError
@@ -422,6 +476,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
         ConfigError,
         DataError,
         DeviceError,
+        InterchangeError,
         PlotError,
         RunFolderError,
         TokenizerError,
@@ -438,6 +493,7 @@ COMMANDS = {
     "plot": cmd_plot,
     "serve": cmd_serve,
     "ui": cmd_ui,
+    "export": cmd_export,
 }
 
 

@@ -22,8 +22,15 @@ class ConfigError(ValueError):
     """A config problem a user must fix; the message names the field or file."""
 
 
+# The architectures of model.py's DESIGNS: the seed's own, and Hugging Face's GPT-2 and Llama exactly.
+ARCHITECTURES = ("tinylm", "gpt2", "llama")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
+    # tinylm (sinusoidal positions, LayerNorm, GELU: the v1/v2 design), gpt2 (learned positions, tanh GELU)
+    # or llama (rotary positions, RMSNorm, SwiGLU, no biases, grouped-query attention).
+    arch: str = "tinylm"
     vocab_size: int = 50257
     d_model: int = 192
     n_heads: int = 6
@@ -36,10 +43,19 @@ class ModelConfig:
     # Recompute each block in the backward pass instead of keeping its activations: at these sizes it saves
     # about 6% of peak memory for about 17% of the speed (docs/benchmarks.md), so it is off by default.
     gradient_checkpointing: bool = False
+    # Key/value heads for grouped-query attention (llama); None means one per query head.
+    n_kv_heads: int | None = None
+    norm_eps: float = 1e-5
+    # The base wavelength of rotary positions (llama).
+    rope_theta: float = 10000.0
 
     @property
     def d_k(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
 
 
 @dataclass(frozen=True)
@@ -125,6 +141,24 @@ class Config:
                 "model.n_heads",
                 f"must divide model.d_model ({m.d_model} is not divisible by {m.n_heads})",
             ),
+            (m.arch in ARCHITECTURES, "model.arch", f"must be one of {', '.join(ARCHITECTURES)}"),
+            (
+                m.n_kv_heads is None or (m.n_kv_heads > 0 and m.n_heads % m.n_kv_heads == 0),
+                "model.n_kv_heads",
+                f"must divide model.n_heads ({m.n_heads})",
+            ),
+            (
+                m.kv_heads == m.n_heads or m.arch == "llama",
+                "model.n_kv_heads",
+                "must equal model.n_heads (or be unset) unless model.arch is llama",
+            ),
+            (
+                m.arch != "llama" or m.n_heads <= 0 or m.d_k % 2 == 0,
+                "model.n_heads",
+                "must leave an even head width (d_model / n_heads) for llama's rotary positions",
+            ),
+            (m.norm_eps > 0, "model.norm_eps", "must be positive"),
+            (m.rope_theta > 0, "model.rope_theta", "must be positive"),
             (m.n_layers > 0, "model.n_layers", "must be positive"),
             (m.d_ff > 0, "model.d_ff", "must be positive"),
             (m.max_seq_length > 1, "model.max_seq_length", "must be at least 2"),
@@ -230,7 +264,13 @@ DEMO = Config(
     ),
     sampling=SamplingConfig(temperature=0.0),
 )
-PRESETS: dict[str, Config] = {"v1": V1, "v2": V2, "demo": DEMO}
+# v2's size and training in the two architectures that other tools run (export to Hugging Face, llama.cpp).
+V2_GPT2 = replace(V2, model=replace(V2.model, arch="gpt2", tie_weights=True))
+# SwiGLU's three matrices at d_ff 512 hold as many weights as GELU's two at 768; 2 key/value heads for 6.
+V2_LLAMA = replace(
+    V2, model=replace(V2.model, arch="llama", d_ff=512, n_kv_heads=2, tie_weights=True, norm_eps=1e-6)
+)
+PRESETS: dict[str, Config] = {"v1": V1, "v2": V2, "v2-gpt2": V2_GPT2, "v2-llama": V2_LLAMA, "demo": DEMO}
 
 
 def preset(name: str) -> Config:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +35,7 @@ class KVCache:
     def __init__(
         self, config: ModelConfig, batch_size: int, *, device: torch.device | str, dtype: torch.dtype
     ):
-        shape = (config.n_layers, batch_size, config.n_heads, config.max_seq_length, config.d_k)
+        shape = (config.n_layers, batch_size, config.kv_heads, config.max_seq_length, config.d_k)
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
         self.tokens = torch.zeros(batch_size, config.max_seq_length, dtype=torch.long, device=device)
@@ -165,10 +166,43 @@ class KVCache:
         self._starts = torch.tensor(starts, dtype=torch.long, device=self.tokens.device).view(-1, 1)
 
 
-class SinusoidalPositions(nn.Module):
-    table: torch.Tensor
+@dataclass(frozen=True)
+class Design:
+    """What an architecture (`model.arch`) builds: the one place where its options switch."""
 
+    positions: str  # "sinusoidal" (a fixed table) or "learned" (a trained one), added to the embeddings;
+    # "rotary": each head's queries and keys turned by a position-dependent angle
+    norm: str  # "layer" (LayerNorm) or "rms" (RMSNorm)
+    mlp: str  # "gelu" (exact erf), "gelu_tanh" (the tanh approximation) or "swiglu" (silu(gate) * up)
+    bias: bool  # do the blocks' linear layers have biases
+    output_bias: bool  # does an output layer that is not tied to the embedding have one
+    scale_embeddings: bool  # token embeddings times sqrt(d_model) before the positions are added
+
+
+DESIGNS: dict[str, Design] = {
+    # The seed's design (Vaswani et al. positions, pre-norm blocks), unchanged.
+    "tinylm": Design("sinusoidal", "layer", "gelu", bias=True, output_bias=True, scale_embeddings=True),
+    # Hugging Face's GPT2LMHeadModel.
+    "gpt2": Design("learned", "layer", "gelu_tanh", bias=True, output_bias=False, scale_embeddings=False),
+    # Hugging Face's LlamaForCausalLM.
+    "llama": Design("rotary", "rms", "swiglu", bias=False, output_bias=False, scale_embeddings=False),
+}
+
+
+def design(config: ModelConfig) -> Design:
+    return DESIGNS[config.arch]
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    if design(config).norm == "rms":
+        return nn.RMSNorm(config.d_model, eps=config.norm_eps)
+    return nn.LayerNorm(config.d_model, eps=config.norm_eps)
+
+
+class SinusoidalPositions(nn.Module):
     """Fixed sine/cosine position codes (Vaswani et al.), looked up by absolute position."""
+
+    table: torch.Tensor
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -183,66 +217,134 @@ class SinusoidalPositions(nn.Module):
         return self.table[positions]
 
 
-class CausalSelfAttention(nn.Module):
+class RotaryPositions(nn.Module):
+    """Rotary position codes (Su et al.) as Llama lays them out: the two halves of each head's width are
+    the (x, y) of d_k / 2 pairs, each turned by its own frequency times the position."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.n_heads, self.d_k = config.n_heads, config.d_k
-        self.qkv = nn.Linear(config.d_model, 3 * config.d_model)
-        self.proj = nn.Linear(config.d_model, config.d_model)
+        d_k = config.d_k
+        inverse_frequency = 1.0 / (config.rope_theta ** (torch.arange(0, d_k, 2).float() / d_k))
+        angles = torch.outer(torch.arange(config.max_seq_length).float(), inverse_frequency)  # (T, dk / 2)
+        angles = torch.cat([angles, angles], dim=-1)  # (T, dk)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin (B, 1, T, dk) for positions (B, T), broadcasting over the heads."""
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+
+def rotate(x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Queries or keys (B, nh, T, dk) turned by their positions' angles."""
+    cos, sin = (t.to(x.dtype) for t in rotary)
+    half = x.size(-1) // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+
+def make_positions(config: ModelConfig) -> nn.Module:
+    kind = design(config).positions
+    if kind == "learned":
+        return nn.Embedding(config.max_seq_length, config.d_model)
+    return RotaryPositions(config) if kind == "rotary" else SinusoidalPositions(config)
+
+
+Rotary = tuple[torch.Tensor, torch.Tensor] | None
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head attention; with fewer key/value heads than query heads (grouped-query attention) each
+    key/value head serves n_heads / n_kv_heads query heads, and the cache holds only the fewer."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        bias = design(config).bias
+        self.n_heads, self.n_kv_heads, self.d_k = config.n_heads, config.kv_heads, config.d_k
+        self.widths = [config.n_heads * config.d_k, *[config.kv_heads * config.d_k] * 2]
+        self.qkv = nn.Linear(config.d_model, sum(self.widths), bias=bias)
+        self.proj = nn.Linear(config.d_model, config.d_model, bias=bias)
         self.dropout = config.dropout
         self.resid_dropout = Dropout(config.dropout)
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None, layer: int
+        self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None, layer: int, rotary: Rotary
     ) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_heads, self.d_k).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, dk)
+        q, k, v = self.qkv(x).split(self.widths, dim=2)
+        q = q.view(B, T, self.n_heads, self.d_k).transpose(1, 2)  # (B, nh, T, dk)
+        k, v = (t.view(B, T, self.n_kv_heads, self.d_k).transpose(1, 2) for t in (k, v))  # (B, nkv, T, dk)
+        if rotary is not None:
+            q, k = rotate(q, rotary), rotate(k, rotary)
         if cache is not None:
-            k, v = cache.append(layer, k, v)  # (B, nh, S, dk) with S = cached + T
+            k, v = cache.append(layer, k, v)  # (B, nkv, S, dk) with S = cached + T
+        if self.n_kv_heads != self.n_heads:
+            group = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, nh, S, dk)
         y = attention(q, k, v, mask, dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, dk)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.proj(y))
 
 
 class FeedForward(nn.Module):
+    """down(act(up(x))); SwiGLU's `up` holds the gate's rows and then the up rows: down(silu(gate) * up)."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.up = nn.Linear(config.d_model, config.d_ff)
-        self.down = nn.Linear(config.d_ff, config.d_model)
+        self.kind, bias = design(config).mlp, design(config).bias
+        width = 2 * config.d_ff if self.kind == "swiglu" else config.d_ff
+        self.up = nn.Linear(config.d_model, width, bias=bias)
+        self.down = nn.Linear(config.d_ff, config.d_model, bias=bias)
         self.dropout = Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.down(F.gelu(self.up(x))))
+        h = self.up(x)
+        if self.kind == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh" if self.kind == "gelu_tanh" else "none")
+        return self.dropout(self.down(h))
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(ln(x)), then x + ff(ln(x))."""
+    """Pre-norm residual block: x + attn(norm(x)), then x + ff(norm(x))."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.ln_attn = nn.LayerNorm(config.d_model)
+        self.ln_attn = make_norm(config)
         self.attn = CausalSelfAttention(config)
-        self.ln_ff = nn.LayerNorm(config.d_model)
+        self.ln_ff = make_norm(config)
         self.ff = FeedForward(config)
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None, layer: int
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: KVCache | None,
+        layer: int,
+        rotary: Rotary = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.ln_attn(x), mask, cache, layer)
+        x = x + self.attn(self.ln_attn(x), mask, cache, layer, rotary)
         return x + self.ff(self.ln_ff(x))
 
 
 class TinyLM(nn.Module):
+    """The decoder of every architecture in DESIGNS: embeddings, blocks, final norm, output layer."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
+        self.design = design(config)
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
-        self.positions = SinusoidalPositions(config)
+        self.positions = make_positions(config)
         self.dropout = Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
-        self.ln_f = nn.LayerNorm(config.d_model)
-        self.head = nn.Linear(config.d_model, config.vocab_size, bias=not config.tie_weights)
+        self.ln_f = make_norm(config)
+        output_bias = self.design.output_bias and not config.tie_weights
+        self.head = nn.Linear(config.d_model, config.vocab_size, bias=output_bias)
         if config.tie_weights:
             self.head.weight = self.embed.weight
         self.init_weights()
@@ -291,14 +393,21 @@ class TinyLM(nn.Module):
             attention_mask = cache.attention_mask(T) if attention_mask is None else attention_mask
         elif positions is None:
             positions = torch.arange(T, device=idx.device).expand(B, T)
-        x = self.embed(idx) * math.sqrt(self.config.d_model) + self.positions(positions)
+        x = self.embed(idx)
+        if self.design.scale_embeddings:
+            x = x * math.sqrt(self.config.d_model)
+        rotary = None
+        if self.design.positions == "rotary":
+            rotary = self.positions(positions)
+        else:
+            x = x + self.positions(positions)
         x = self.dropout(x)
         mask = self._attention_mask(B, T, start, attention_mask, segments, idx.device)
         for layer, block in enumerate(self.blocks):
             if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, mask, cache, layer, use_reentrant=False)
+                x = checkpoint(block, x, mask, cache, layer, rotary, use_reentrant=False)
             else:
-                x = block(x, mask, cache, layer)
+                x = block(x, mask, cache, layer, rotary)
         if cache is not None:
             cache.advance(idx)
         return self.ln_f(x)
@@ -351,7 +460,11 @@ class TinyLM(nn.Module):
 def parameter_count(config: ModelConfig) -> int:
     """The parameters of TinyLM(config), from its shapes alone: what a run needs is known before it builds
     anything (tests check it against the built model)."""
-    d, ff, V = config.d_model, config.d_ff, config.vocab_size
-    block = 2 * 2 * d + (3 * d * d + 3 * d) + (d * d + d) + (d * ff + ff) + (ff * d + d)
-    head = 0 if config.tie_weights else V * d + V
-    return V * d + config.n_layers * block + 2 * d + head
+    d, ff, V, kinds = config.d_model, config.d_ff, config.vocab_size, design(config)
+    norm = 2 * d if kinds.norm == "layer" else d
+    qkv = d + 2 * config.kv_heads * config.d_k
+    linears = [(d, qkv), (d, d), (d, 2 * ff if kinds.mlp == "swiglu" else ff), (ff, d)]
+    block = 2 * norm + sum(i * o + (o if kinds.bias else 0) for i, o in linears)
+    positions = config.max_seq_length * d if kinds.positions == "learned" else 0
+    head = 0 if config.tie_weights else V * d + (V if kinds.output_bias else 0)
+    return V * d + positions + config.n_layers * block + norm + head

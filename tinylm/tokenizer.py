@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import itertools
+import json
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
@@ -57,6 +59,11 @@ class Tokenizer(ABC):
     def to_dict(self) -> dict:
         """Everything needed to rebuild this tokenizer, as JSON-compatible data."""
 
+    @abstractmethod
+    def to_hf(self) -> tokenizers.Tokenizer:
+        """The same tokenizer as a Hugging Face `tokenizers` object (what a tokenizer.json file holds), for
+        export; in it, as in every Hugging Face tokenizer, "<|endoftext|>" in the text is the special token."""
+
 
 class GPT2Tokenizer(Tokenizer):
     """The exact GPT-2 BPE through tiktoken, so GPT-2's token ids (and pretrained weights) line up."""
@@ -87,16 +94,31 @@ class GPT2Tokenizer(Tokenizer):
         ranks = "".join(f"{base64.b64encode(token).decode('ascii')} {rank}\n" for token, rank in by_rank)
         return {"kind": self.kind, "ranks": ranks}
 
+    def to_hf(self) -> tokenizers.Tokenizer:
+        # tiktoken merges the adjacent pair whose joined token ranks lowest; a BPE file lists merges in
+        # priority order, so every way to split each token into two tokens, ordered by the joined token's
+        # rank, makes the same choices (transformers converts tiktoken files the same way).
+        text = _byte_level_text
+        vocab = {text(token): rank for token, rank in self._ranks.items()}
+        merges: list[tuple[str, str]] = []
+        for token, _ in sorted(self._ranks.items(), key=lambda item: item[1]):
+            splits = [(token[:i], token[i:]) for i in range(1, len(token))]
+            splits = [(a, b) for a, b in splits if a in self._ranks and b in self._ranks]
+            splits.sort(key=lambda pair: (self._ranks[pair[0]], self._ranks[pair[1]]))
+            merges += [(text(a), text(b)) for a, b in splits]
+        return _byte_level_bpe(vocab, merges, self.eos_id)
+
 
 class BPETokenizer(Tokenizer):
     """A byte-level BPE trained on the user's own corpus, for a vocabulary smaller than GPT-2's."""
 
     kind = "bpe"
 
-    def __init__(self, tok: tokenizers.Tokenizer) -> None:
-        eos_id = tok.token_to_id(EOS)
+    def __init__(self, tok: tokenizers.Tokenizer, *, eos: str = EOS) -> None:
+        eos_id = tok.token_to_id(eos)
         if eos_id is None:
-            raise TokenizerError(f"bpe tokenizer has no {EOS} token")
+            raise TokenizerError(f"bpe tokenizer has no {eos} token")
+        self.eos = eos
         # Without this, `encode` would turn a literal "<|endoftext|>" in user text into the special id. The
         # flag is not part of the saved JSON, so it is set here, on every construction path.
         tok.encode_special_tokens = True
@@ -113,7 +135,12 @@ class BPETokenizer(Tokenizer):
         return self._tok.decode(list(ids), skip_special_tokens=False)
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "json": self._tok.to_str()}
+        # A model imported from Hugging Face may end its texts with another token than <|endoftext|>.
+        eos = {} if self.eos == EOS else {"eos": self.eos}
+        return {"kind": self.kind, "json": self._tok.to_str(), **eos}
+
+    def to_hf(self) -> tokenizers.Tokenizer:
+        return tokenizers.Tokenizer.from_str(self._tok.to_str())
 
 
 class ByteTokenizer(Tokenizer):
@@ -138,6 +165,11 @@ class ByteTokenizer(Tokenizer):
 
     def to_dict(self) -> dict:
         return {"kind": self.kind}
+
+    def to_hf(self) -> tokenizers.Tokenizer:
+        # A byte-level BPE without merges: each byte's token id is the byte itself.
+        vocab = {_byte_level_text(bytes([b])): b for b in range(256)}
+        return _byte_level_bpe(vocab, [], self.eos_id)
 
 
 def build_tokenizer(
@@ -172,7 +204,10 @@ def tokenizer_from_dict(state: dict) -> Tokenizer:
             tok = tokenizers.Tokenizer.from_str(_saved_field(state, "json"))
         except Exception as exc:  # `tokenizers` raises bare Exception for bad JSON
             raise TokenizerError(f"saved bpe tokenizer is not valid tokenizer JSON: {exc}") from exc
-        return BPETokenizer(tok)
+        eos = state.get("eos", EOS)
+        if not isinstance(eos, str):
+            raise TokenizerError(f"saved bpe tokenizer has an end-of-text token of type {type(eos).__name__}")
+        return BPETokenizer(tok, eos=eos)
     if kind == "byte":
         return ByteTokenizer()
     raise TokenizerError(f"saved tokenizer has unknown kind {kind!r} (expected gpt2, bpe or byte)")
@@ -278,3 +313,80 @@ def _saved_field(state: dict, key: str) -> str:
     if not isinstance(value, str):
         raise TokenizerError(f"saved {state['kind']} tokenizer lacks its {key!r} field")
     return value
+
+
+def tokenizer_from_hf(tok: tokenizers.Tokenizer, *, eos: str, source: str) -> Tokenizer:
+    """A tinylm tokenizer for a Hugging Face one (a model imported with its tokenizer.json).
+
+    GPT-2's own vocabulary, recognised by its shape (a byte-level BPE of 50,257 tokens ending in
+    <|endoftext|>, merges in the order of the tokens they make), becomes the tiktoken-backed gpt2 tokenizer;
+    any other is kept as it is, as a bpe tokenizer that ends texts with `eos`.
+    """
+    if tok.token_to_id(eos) is None:
+        raise TokenizerError(f"{source}: the tokenizer has no end-of-text token {eos!r}")
+    ranks = _gpt2_ranks_of(tok, eos)
+    return GPT2Tokenizer(ranks) if ranks is not None else BPETokenizer(tok, eos=eos)
+
+
+def _gpt2_ranks_of(tok: tokenizers.Tokenizer, eos: str) -> dict[bytes, int] | None:
+    """tiktoken ranks that tokenize exactly as `tok`, when `tok` has GPT-2's shape; else None."""
+    state = json.loads(tok.to_str())
+    model, pre = state.get("model") or {}, state.get("pre_tokenizer") or {}
+    gpt2_shaped = (
+        model.get("type") == "BPE"
+        and pre.get("type") == "ByteLevel"
+        and pre.get("use_regex", True)
+        and not pre.get("add_prefix_space", False)
+        and state.get("normalizer") is None
+        and eos == EOS
+        and tok.token_to_id(EOS) == _GPT2_MERGEABLE
+        and tok.get_vocab_size(with_added_tokens=True) == _GPT2_MERGEABLE + 1
+    )
+    if not gpt2_shaped:
+        return None
+    to_byte = {char: byte for byte, char in _byte_chars().items()}
+    try:
+        ranks = {bytes(to_byte[c] for c in token): i for token, i in model["vocab"].items() if token != EOS}
+    except KeyError:  # a character outside the byte-level alphabet
+        return None
+    merges = [m.split(" ") if isinstance(m, str) else m for m in model.get("merges", [])]
+    made = [model["vocab"].get(a + b, -1) for a, b in merges]
+    in_rank_order = all(x <= y for x, y in itertools.pairwise(made)) and min(made, default=0) >= 0
+    if sorted(ranks.values()) != list(range(_GPT2_MERGEABLE)) or not in_rank_order:
+        return None
+    return ranks
+
+
+def _byte_chars() -> dict[int, str]:
+    """GPT-2's printable stand-in for each byte, the alphabet that byte-level BPE files are written in."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    chars = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in chars:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+def _byte_level_text(token: bytes) -> str:
+    chars = _BYTE_CHARS
+    return "".join(chars[b] for b in token)
+
+
+def _byte_level_bpe(
+    vocab: dict[str, int], merges: list[tuple[str, str]], eos_id: int
+) -> tokenizers.Tokenizer:
+    """A GPT-2-style byte-level BPE over `vocab` and `merges`, with <|endoftext|> = eos_id as its special token."""
+    tok = tokenizers.Tokenizer(models.BPE(vocab={**vocab, EOS: eos_id}, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([tokenizers.AddedToken(EOS, special=True)])
+    return tok
+
+
+_BYTE_CHARS = _byte_chars()

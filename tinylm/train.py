@@ -33,6 +33,7 @@ from tinylm.data.tokens import TokenArrays
 from tinylm.distributed import World
 from tinylm.evaluate import Evaluator
 from tinylm.generate import Engine
+from tinylm.interchange import is_hf_model
 from tinylm.loss import lm_loss
 from tinylm.model import TinyLM, parameter_count
 from tinylm.prompts import EncodedExample
@@ -83,7 +84,10 @@ class StartCheckpoint:
 
     @classmethod
     def read(cls, path: str | Path, *, resume: bool) -> StartCheckpoint:
-        """`resume`: a run folder means its latest.pt; otherwise its best model, as for generation."""
+        """`resume`: a run folder means its latest.pt; otherwise its best model, as for generation, or a
+        Hugging Face model (a folder or hf:NAME) to start from."""
+        if not resume and is_hf_model(path):
+            return cls(ckpt.load_model(path), 0, None)
         asked = Path(path)
         path = ckpt.resume_checkpoint_path(asked) if resume else ckpt.resolve_checkpoint_path(asked)
         try:
@@ -677,20 +681,26 @@ def model_summary(model: TinyLM) -> str:
         return sum(p.numel() for p in module.parameters())
 
     head = "tied to the embedding" if c.tie_weights else f"{count(model.head):,}"
+    norm = type(model.ln_f).__name__
+    kv = f" ({c.kv_heads} key/value)" if c.kv_heads != c.n_heads else ""
     rows = [
         ("token embedding", f"Embedding({c.vocab_size}, {c.d_model})", f"{count(model.embed):,}"),
-        ("positions", f"sinusoidal({c.max_seq_length}, {c.d_model}), dropout {c.dropout}", "0"),
+        (
+            "positions",
+            f"{model.design.positions}({c.max_seq_length}, {c.d_model}), dropout {c.dropout}",
+            f"{count(model.positions):,}",
+        ),
         (
             f"blocks x{c.n_layers}",
-            f"LayerNorm, attention {c.n_heads} heads x {c.d_k}, "
-            f"LayerNorm, ff {c.d_model}->{c.d_ff}->{c.d_model}",
+            f"{norm}, attention {c.n_heads} heads{kv} x {c.d_k}, "
+            f"{norm}, {model.design.mlp} ff {c.d_model}->{c.d_ff}->{c.d_model}",
             f"{count(model.blocks[0]):,} each",
         ),
-        ("final norm", f"LayerNorm({c.d_model})", f"{count(model.ln_f):,}"),
+        ("final norm", f"{norm}({c.d_model})", f"{count(model.ln_f):,}"),
         ("output", f"Linear({c.d_model} -> {c.vocab_size})", head),
     ]
     width = max(len(r[1]) for r in rows)
-    lines = [f"TinyLM: {model.num_parameters():,} parameters"]
+    lines = [f"TinyLM ({c.arch}): {model.num_parameters():,} parameters"]
     lines += [f"  {name:<16} {what:<{width}}  {params:>14}" for name, what, params in rows]
     return "\n".join(lines)
 
