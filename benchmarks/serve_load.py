@@ -86,9 +86,8 @@ def start_server(checkpoint: Path, code: Path, max_batch_size: int) -> tuple[sub
     command = [sys.executable, "-m", "tinylm", "serve", "--checkpoint", str(checkpoint), "--port", str(port)]
     command += ["--max-batch-size", str(max_batch_size), "--device", "cpu"]
     env = {**os.environ, "PYTHONPATH": str(code)}
-    process = subprocess.Popen(
-        command, cwd=code, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
-    )
+    log = tempfile.TemporaryFile()  # noqa: SIM115 (the server outlives this function; its output, for errors)
+    process = subprocess.Popen(command, cwd=code, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None:
@@ -98,7 +97,9 @@ def start_server(checkpoint: Path, code: Path, max_batch_size: int) -> tuple[sub
         except httpx.HTTPError:
             time.sleep(0.2)
     process.kill()
-    raise SystemExit(f"the server did not come up at {url}")
+    log.seek(0)
+    sys.stderr.write(log.read()[-2000:].decode(errors="replace"))
+    raise SystemExit(f"the server did not come up at {url} (exit {process.poll()})")
 
 
 @dataclass
@@ -204,8 +205,13 @@ def main() -> None:
     print(f"load average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs", flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as folder:
-        checkpoint = make_checkpoint(Path(folder))
         servers = {"static": extract(args.static_ref, Path(folder) / "static"), "continuous": REPO}
+        # Written by the older code, which newer code reads (the reverse need not hold).
+        checkpoint = Path(folder) / "v1"
+        write = f"import sys; sys.path.insert(1, {str(Path(__file__).parent)!r}); import serve_load; "
+        write += f"serve_load.make_checkpoint(serve_load.Path({folder!r}))"
+        env = {**os.environ, "PYTHONPATH": str(servers["static"])}
+        subprocess.run([sys.executable, "-c", write], check=True, env=env, cwd=servers["static"])
         for name, code in servers.items():
             process, url = start_server(checkpoint, code, args.max_batch_size)
             try:

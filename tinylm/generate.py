@@ -187,9 +187,13 @@ class Row:
         reason = tracker.finish_reason
         if reason is None and self.count >= self.request.sampling.max_new_tokens:
             text, reason = text + tracker.flush(), "length"
-        # A token is reported with the chunk that shows the end of its text; those of a stop string never are.
-        shown = [lp for lp, end in self._pending if end <= tracker.shown]
-        self._pending = self._pending[len(shown) :] if reason is None else []
+        # A token is reported, in order, with the chunk that shows the end of its text; those of a stop
+        # string never are.
+        ready = 0
+        while ready < len(self._pending) and self._pending[ready][1] <= tracker.shown:
+            ready += 1
+        shown = [lp for lp, _ in self._pending[:ready]]
+        self._pending = self._pending[ready:] if reason is None else []
         if reason is None:
             return Chunk(text, logprobs=shown) if text or shown else None
         return Chunk(
