@@ -1,28 +1,39 @@
-"""Load on `tinylm serve`: N concurrent streaming chat clients for a fixed time, with and without batching.
+"""Load on `tinylm serve`: continuous batching against the static batcher it replaced, in one run.
 
-Starts the server itself (`python -m tinylm serve` on a free 127.0.0.1 port) on a random-init model of the
-v1 size (13.5M parameters, GPT-2 vocabulary; greedy answers of exactly --max-tokens tokens, since such a
-model does not end its answers), and prints one table row per (batching, clients):
+Starts two servers on free 127.0.0.1 ports, one after the other, on the same random-init model of the v1 size
+(13.5M parameters, GPT-2 vocabulary, CPU):
 
-    python benchmarks/serve_load.py                 # N = 1, 4, 16; 15 s each; batching off and on
-    python benchmarks/serve_load.py --seconds 5 --clients 1 16 --batch-sizes 16
+- "continuous": this checkout's `tinylm serve` (a live batch that requests join between tokens);
+- "static": `tinylm serve` from the commit before continuous batching (`--static-ref`, default 84dcba5),
+  whose `tinylm/` is extracted with `git archive` into a temporary folder and run from there: a batch ran
+  to its end while new requests waited, and only requests that sampled alike were batched together.
 
-Each client sends a request, reads the whole streamed answer, and sends the next, until the time is up.
-Latency is from sending a request to its last event; "first token" is to its first text.
+Each is driven by closed-loop clients (each sends a request, reads the whole streamed answer, sends the
+next) and by open-loop Poisson arrivals at fixed rates, for a bounded time each. Requests mix answer
+lengths (max_tokens 8 to 100; a random model rarely ends early) and sampling settings (greedy, sampled
+with top-k/top-p, seeded, with a repetition penalty), drawn from one seeded generator so both servers get
+the same sequence. Latency is from sending a request to its last event; TTFT (time to first token) is to
+its first text. Only loopback addresses are used.
+
+    python benchmarks/serve_load.py                              # clients 1 4 16 64, rates 4 16; 15 s each
+    python benchmarks/serve_load.py --seconds 5 --clients 16 --rates
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import httpx
@@ -36,6 +47,12 @@ from tinylm.tokenizer import GPT2_RANKS_ENV, build_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_RANKS = REPO.parent / "shared" / "data" / "gpt2.tiktoken"
+SAMPLINGS = [
+    {"temperature": 0},
+    {"temperature": 0.8, "top_k": 50, "top_p": 0.9},
+    {"temperature": 1.0, "top_p": 0.95, "seed": 1},
+    {"temperature": 0.7, "repetition_penalty": 1.2},
+]
 
 
 def make_checkpoint(folder: Path) -> Path:
@@ -52,13 +69,25 @@ def make_checkpoint(folder: Path) -> Path:
     return run
 
 
-def start_server(checkpoint: Path, max_batch_size: int) -> tuple[subprocess.Popen, str]:
+def extract(ref: str, folder: Path) -> Path:
+    """The `tinylm` package as it was at commit `ref`, in `folder`."""
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", ref, "tinylm"], check=True, capture_output=True
+    ).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(folder, filter="data")
+    return folder
+
+
+def start_server(checkpoint: Path, code: Path, max_batch_size: int) -> tuple[subprocess.Popen, str]:
     sock = listen("127.0.0.1", 0)
     port = sock.getsockname()[1]
     sock.close()
     command = [sys.executable, "-m", "tinylm", "serve", "--checkpoint", str(checkpoint), "--port", str(port)]
     command += ["--max-batch-size", str(max_batch_size), "--device", "cpu"]
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    env = {**os.environ, "PYTHONPATH": str(code)}
+    log = tempfile.TemporaryFile()  # noqa: SIM115 (the server outlives this function; its output, for errors)
+    process = subprocess.Popen(command, cwd=code, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None:
@@ -68,19 +97,30 @@ def start_server(checkpoint: Path, max_batch_size: int) -> tuple[subprocess.Pope
         except httpx.HTTPError:
             time.sleep(0.2)
     process.kill()
-    raise SystemExit(f"the server did not come up at {url}")
+    log.seek(0)
+    sys.stderr.write(log.read()[-2000:].decode(errors="replace"))
+    raise SystemExit(f"the server did not come up at {url} (exit {process.poll()})")
 
 
-async def one_request(client: httpx.AsyncClient, question: str, max_tokens: int) -> tuple[float, float, int]:
-    """(latency, time to first text, completion tokens) of one streamed chat answer."""
-    body = {
+@dataclass
+class Result:
+    latency: float
+    ttft: float
+    tokens: int
+
+
+def request_body(rng: random.Random, index: int) -> dict:
+    return {
         "model": "v1",
-        "messages": [{"role": "user", "content": question}],
-        "max_tokens": max_tokens,
-        "temperature": 0,
+        "messages": [{"role": "user", "content": f"Question {index}: what is a cat?"}],
+        "max_tokens": rng.randint(8, 100),
         "stream": True,
         "stream_options": {"include_usage": True},
+        **rng.choice(SAMPLINGS),
     }
+
+
+async def one_request(client: httpx.AsyncClient, body: dict) -> Result:
     started = time.perf_counter()
     first = None
     tokens = 0
@@ -95,36 +135,60 @@ async def one_request(client: httpx.AsyncClient, question: str, max_tokens: int)
             if event.get("usage"):
                 tokens = event["usage"]["completion_tokens"]
     latency = time.perf_counter() - started
-    return latency, first if first is not None else latency, tokens
+    return Result(latency, first if first is not None else latency, tokens)
 
 
-async def load(url: str, clients: int, seconds: float, max_tokens: int) -> dict[str, float]:
-    """Closed-loop load: each client asks again as soon as its answer ends, until `seconds` have passed."""
-    results: list[tuple[float, float, int]] = []
-    limits = httpx.Limits(max_connections=clients + 1)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as http:
-        await one_request(http, "warm up", max_tokens)
+async def closed_loop(url: str, clients: int, seconds: float) -> tuple[list[Result], float]:
+    """Each client asks again as soon as its answer ends, until `seconds` have passed."""
+    results: list[Result] = []
+    rng = random.Random(clients)
+    async with httpx.AsyncClient(
+        base_url=url, limits=httpx.Limits(max_connections=clients + 1), timeout=300
+    ) as http:
+        await one_request(http, request_body(random.Random(0), 0))  # warm up
         started = time.perf_counter()
         deadline = started + seconds
 
-        async def client_loop(index: int) -> None:
-            asked = 0
+        async def client_loop() -> None:
             while time.perf_counter() < deadline:
-                results.append(
-                    await one_request(http, f"Question {index}.{asked}: what is a cat?", max_tokens)
-                )
-                asked += 1
+                results.append(await one_request(http, request_body(rng, len(results))))
 
-        await asyncio.gather(*(client_loop(i) for i in range(clients)))
-        elapsed = time.perf_counter() - started
-    latencies = sorted(r[0] for r in results)
+        await asyncio.gather(*(client_loop() for _ in range(clients)))
+        return results, time.perf_counter() - started
+
+
+async def open_loop(url: str, rate: float, seconds: float) -> tuple[list[Result], float]:
+    """Requests arrive as a Poisson process of `rate` per second for `seconds`, whatever the answers do."""
+    rng = random.Random(int(rate * 1000))
+    async with httpx.AsyncClient(
+        base_url=url, limits=httpx.Limits(max_connections=1000), timeout=300
+    ) as http:
+        await one_request(http, request_body(random.Random(0), 0))
+        started = time.perf_counter()
+        tasks = []
+        at = rng.expovariate(rate)
+        while at < seconds:
+            await asyncio.sleep(max(0.0, started + at - time.perf_counter()))
+            tasks.append(asyncio.create_task(one_request(http, request_body(rng, len(tasks)))))
+            at += rng.expovariate(rate)
+        results = await asyncio.gather(*tasks)
+        return list(results), time.perf_counter() - started
+
+
+def percentile(values: list[float], share: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
+
+
+def summary(results: list[Result], elapsed: float) -> dict[str, float]:
     return {
         "requests": len(results),
         "requests_per_s": len(results) / elapsed,
-        "tokens_per_s": sum(r[2] for r in results) / elapsed,
-        "p50": statistics.median(latencies),
-        "p99": latencies[min(len(latencies) - 1, round(0.99 * (len(latencies) - 1)))],
-        "first_p50": statistics.median(r[1] for r in results),
+        "tokens_per_s": sum(r.tokens for r in results) / elapsed,
+        "p50": statistics.median(r.latency for r in results),
+        "p99": percentile([r.latency for r in results], 0.99),
+        "ttft_p50": statistics.median(r.ttft for r in results),
+        "ttft_p99": percentile([r.ttft for r in results], 0.99),
     }
 
 
@@ -132,40 +196,50 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--clients", type=int, nargs="*", default=[1, 4, 16, 64])
+    parser.add_argument("--rates", type=float, nargs="*", default=[4.0, 16.0], help="open-loop requests/s")
     parser.add_argument("--seconds", type=float, default=15.0, help="per row (default 15)")
-    parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument(
-        "--batch-sizes", type=int, nargs="+", default=[1, 16], help="server --max-batch-size values (1: off)"
-    )
+    parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--static-ref", default="84dcba5", help="the commit whose static batcher to compare")
     args = parser.parse_args()
-    print(f"load average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
+    print(f"load average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs", flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as folder:
-        checkpoint = make_checkpoint(Path(folder))
-        for batch_size in args.batch_sizes:
-            process, url = start_server(checkpoint, batch_size)
+        servers = {"static": extract(args.static_ref, Path(folder) / "static"), "continuous": REPO}
+        # Written by the older code, which newer code reads (the reverse need not hold).
+        checkpoint = Path(folder) / "v1"
+        write = f"import sys; sys.path.insert(1, {str(Path(__file__).parent)!r}); import serve_load; "
+        write += f"serve_load.make_checkpoint(serve_load.Path({folder!r}))"
+        env = {**os.environ, "PYTHONPATH": str(servers["static"])}
+        subprocess.run([sys.executable, "-c", write], check=True, env=env, cwd=servers["static"])
+        for name, code in servers.items():
+            process, url = start_server(checkpoint, code, args.max_batch_size)
             try:
-                for clients in args.clients:
-                    result = asyncio.run(load(url, clients, args.seconds, args.max_tokens))
-                    rows.append((batch_size, clients, result))
-                    print(
-                        f"  max batch {batch_size}, {clients} clients: {result['requests']} requests",
-                        flush=True,
+                loads = [("closed", c) for c in args.clients] + [("open", r) for r in args.rates]
+                for kind, amount in loads:
+                    run = (
+                        closed_loop(url, int(amount), args.seconds)
+                        if kind == "closed"
+                        else open_loop(url, amount, args.seconds)
                     )
+                    result = summary(*asyncio.run(run))
+                    label = f"{int(amount)} clients" if kind == "closed" else f"{amount:g} req/s Poisson"
+                    rows.append((name, label, result))
+                    print(f"  {name}, {label}: {result['requests']} requests", flush=True)
             finally:
                 process.terminate()
                 process.wait(timeout=60)
     print(f"load average after: {os.getloadavg()[0]:.2f}")
     print(
-        f"\nv1-sized random-init model, {args.max_tokens} new tokens per answer, {args.seconds:g} s per row\n"
+        f"\nv1-sized random-init model, max_tokens 8-100, mixed sampling, max batch {args.max_batch_size}, "
+        f"{args.seconds:g} s per row\n"
     )
-    print("| max batch | clients | requests/s | tokens/s | p50 latency | p99 latency | p50 first token |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for batch_size, clients, r in rows:
+    print("| server | load | requests/s | tokens/s | p50 latency | p99 latency | p50 TTFT | p99 TTFT |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name, label, r in rows:
         print(
-            f"| {batch_size} | {clients} | {r['requests_per_s']:.2f} | {r['tokens_per_s']:.0f} | "
-            f"{r['p50']:.2f} s | {r['p99']:.2f} s | {r['first_p50']:.2f} s |"
+            f"| {name} | {label} | {r['requests_per_s']:.2f} | {r['tokens_per_s']:.0f} | {r['p50']:.2f} s | "
+            f"{r['p99']:.2f} s | {r['ttft_p50']:.2f} s | {r['ttft_p99']:.2f} s |"
         )
 
 

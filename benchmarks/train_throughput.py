@@ -285,7 +285,7 @@ def peer_rows_of_stream(spec: dict[str, Any], rows: int, ignore: int):
     width = c.model.max_seq_length
     if data.is_text:
         windows = torch.tensor([data.train.example(int(i)).tokens for i in order[:rows]])
-        return windows[:, :-1], windows[:, 1:], c.model
+        return windows[:, :-1].contiguous(), windows[:, 1:].contiguous(), c.model
     tokens: list[int] = []
     counted: list[bool] = []
     for i in order:

@@ -61,6 +61,11 @@ def test_answers_stream_with_a_speed_line_and_commands_work(session, scripted_ru
         ("/set temperature", "error: /set temperature wants a value, e.g. /set temperature "),
         ("/set", "usage: /set NAME VALUE"),
         ("/set seed x", "error: /set: seed wants an integer or none, got 'x'"),
+        (
+            "/set repetition_penalty 1e-40",
+            "error: config field sampling.repetition_penalty = 1e-40 must be between",
+        ),
+        ("/set temperature nan", "error: config field sampling.temperature = nan must be between 0 and 100"),
     ],
 )
 def test_bad_settings_are_one_line_errors_and_change_nothing(session, command, shown):
@@ -174,3 +179,11 @@ def test_sigint_to_a_real_chat_process_does_not_end_it(scripted_run, repo_root, 
         process.kill()
     assert process.returncode == 0, err
     assert f"tinylm> {scripted_run.answer}\n" in out and out.endswith("bye\n")
+
+
+def test_settings_at_their_limits_answer_and_the_session_lives_on(session, scripted_run):
+    # A vanishing temperature is greedy, and a huge token limit costs nothing until tokens are made.
+    out = chat_through(
+        session, "/set temperature 1e-40\n/set max_new_tokens 1000000000000\nhello\nagain\n/exit\n"
+    )
+    assert out.count(f"tinylm> {scripted_run.answer}\n[11 tokens in ") == 2

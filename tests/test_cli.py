@@ -114,6 +114,16 @@ def test_a_seed_makes_a_sampled_answer_reproducible(trained, capsys):
 def test_bad_sampling_flag_names_the_field(trained, capsys):
     assert main(["generate", "--checkpoint", str(trained), "--prompt", QUESTION, "--top-p", "0"]) == 2
     assert "sampling.top_p" in error_line(capsys)
+    argv = ["generate", "--checkpoint", str(trained), "--prompt", QUESTION, "--repetition-penalty", "1e-40"]
+    assert main(argv) == 2
+    assert "sampling.repetition_penalty = 1e-40 must be between 0.01 and 100" in error_line(capsys)
+
+
+def test_sampling_flags_at_their_limits_answer(scripted_run, capsys):
+    checkpoint = str(scripted_run.folder / "best_model.pt")
+    argv = ["generate", "--checkpoint", checkpoint, "--prompt", "hi", "--json", "--temperature", "1e-40"]
+    assert main([*argv, "--max-tokens", "1000000000000"]) == 0
+    assert json.loads(capsys.readouterr().out)["text"] == scripted_run.answer
 
 
 # -- bad input: one line, exit status 2, nothing half-written ------------------------------------------

@@ -5,9 +5,14 @@ from __future__ import annotations
 import ast
 import asyncio
 import contextlib
+import ipaddress
+import json
 import logging
+import os
+import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -34,6 +39,7 @@ from tinylm.tokenizer import ByteTokenizer
 WINDOW = 128
 MODEL = "run"
 QUESTION = [{"role": "user", "content": "hi"}]
+JSON = {"content-type": "application/json"}
 
 
 def tiny_letters_model(config: Config) -> TinyLM:
@@ -117,7 +123,9 @@ def streamed_chat(client: openai.OpenAI, **kwargs) -> tuple[str, list]:
 def test_models_and_health(client, base_url):
     assert [m.id for m in client.models.list()] == [MODEL]
     assert client.models.retrieve(MODEL).owned_by == "tinylm"
-    assert httpx.get(f"{base_url}/health").json() == {"status": "ok", "models": [MODEL]}
+    health = httpx.get(f"{base_url}/health").json()
+    assert health["status"] == "ok" and health["models"] == [MODEL]
+    assert set(health["batches"][MODEL]) == {"running", "waiting"}
 
 
 def test_chat_answers_what_generate_answers(client, loaded):
@@ -297,14 +305,35 @@ def error_of(response: httpx.Response) -> dict:
         ),
         (b'{"model": "run", "messages": [{"role": "user", "content": "x"}], "n": 99}', "n", "16"),
         (
-            b'{"model": "run", "messages": [{"role": "user", "content": "x"}], "logprobs": true}',
-            "logprobs",
+            b'{"model": "run", "messages": [{"role": "user", "content": "x"}], "tools": []}',
+            "tools",
             "not supported",
+        ),
+        (
+            b'{"model": "run", "messages": [{"role": "user", "content": "x"}], "logprobs": "maybe"}',
+            "logprobs",
+            "boolean",
+        ),
+        (
+            b'{"model": "run", "messages": [{"role": "user", "content": "x"}], "logprobs": true, '
+            b'"top_logprobs": 21}',
+            "top_logprobs",
+            "20",
+        ),
+        (
+            b'{"model": "run", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}',
+            "top_logprobs",
+            "needs logprobs",
+        ),
+        (
+            b'{"model": "run", "messages": [{"role": "user", "content": "x"}], "repetition_penalty": 1e-40}',
+            "repetition_penalty",
+            "0.01",
         ),
     ],
 )
 def test_malformed_requests_are_400_in_openai_shape(base_url, body, param, words):
-    response = httpx.post(f"{base_url}/v1/chat/completions", content=body, timeout=30)
+    response = httpx.post(f"{base_url}/v1/chat/completions", content=body, headers=JSON, timeout=30)
     assert response.status_code == 400
     error = error_of(response)
     assert error["type"] == "invalid_request_error" and words in error["message"]
@@ -312,10 +341,26 @@ def test_malformed_requests_are_400_in_openai_shape(base_url, body, param, words
         assert error["param"] == param
 
 
-def test_malformed_completion_fields_are_400(client):
-    with pytest.raises(openai.BadRequestError) as raised:
-        client.completions.create(model=MODEL, prompt=[1, 2, 3], max_tokens=3)
-    assert raised.value.body["param"].startswith("prompt")
+@pytest.mark.parametrize(
+    ("fields", "param", "words"),
+    [
+        ({"prompt": [1, 300]}, "prompt", "outside this model's vocabulary (0 to 256)"),
+        ({"prompt": [[1], [-1]]}, "prompt", ""),
+        ({"prompt": [1, "a"]}, "prompt", ""),
+        ({"logprobs": 21}, "logprobs", "20"),
+        ({"echo": "maybe"}, "echo", "boolean"),
+        ({"max_tokens": 0}, "max_tokens", "only with echo"),
+        ({"max_tokens": -1}, "max_tokens", "0"),
+        ({"logit_bias": {"1": 5}}, "logit_bias", "not supported"),
+        ({"response_format": {"type": "json_object"}}, "response_format", "not supported"),
+    ],
+)
+def test_malformed_completion_fields_are_400(base_url, fields, param, words):
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 2, **fields}
+    response = httpx.post(f"{base_url}/v1/completions", json=body, timeout=30)
+    assert response.status_code == 400
+    error = error_of(response)
+    assert error["param"].startswith(param) and words in error["message"]
 
 
 def test_unknown_model_is_404(client):
@@ -355,7 +400,7 @@ def test_max_tokens_out_of_range_is_400_naming_the_limits(client, loaded):
 
 
 def test_oversized_body_and_unknown_routes_answer_in_openai_shape(base_url):
-    big = httpx.post(f"{base_url}/v1/completions", content=b" " * (2 << 20), timeout=30)
+    big = httpx.post(f"{base_url}/v1/completions", content=b" " * (2 << 20), headers=JSON, timeout=30)
     assert big.status_code == 413 and "limit" in error_of(big)["message"]
     assert error_of(httpx.get(f"{base_url}/v1/nothing"))["message"] == "Not Found"
     assert httpx.get(f"{base_url}/v1/chat/completions").status_code == 405
@@ -368,6 +413,7 @@ def test_api_key_is_required_when_set(loaded):
         assert missing.status_code == 401 and error_of(missing)["code"] == "invalid_api_key"
         # The key is checked before anything else, even a malformed body.
         assert httpx.post(f"{url}/v1/chat/completions", content=b"{").status_code == 401
+        assert httpx.post(f"{url}/tokenize", json={"content": "x"}).status_code == 401
         wrong = openai.OpenAI(base_url=f"{url}/v1", api_key="guess", max_retries=0)
         with pytest.raises(openai.AuthenticationError):
             wrong.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=2)
@@ -502,3 +548,331 @@ def test_the_server_imports_no_training_code_or_other_front_end(repo_root):
     }
     ours = {name.split(".")[1] for name in imported if name and name.startswith("tinylm.")}
     assert "generate" in ours and not ours & {"train", "data", "chat", "webui", "cli"}
+
+
+# -- continuous batching under load ---------------------------------------------------------------------
+
+
+def mixed_asks(count: int) -> list[dict]:
+    """Chat requests with every sampling setting varied: greedy, seeded sampled, penalties, stops, n."""
+    settings = [
+        {"temperature": 0},
+        {"temperature": 1.0, "top_p": 1.0, "seed": 11},
+        {"temperature": 0.8, "top_k": 5, "seed": 12, "n": 2},
+        {"temperature": 0, "repetition_penalty": 1.4, "stop": ["e"]},
+        {"temperature": 1.2, "top_p": 0.9, "min_p": 0.05, "seed": 13},
+        {"temperature": 0.7, "top_k": 0, "repetition_penalty": 1.1, "seed": 14, "stop": "ab"},
+    ]
+    return [
+        {
+            "messages": [{"role": "user", "content": f"question {i} {'why ' * (i % 4)}"}],
+            "max_tokens": 4 + 3 * (i % 20),
+        }
+        | settings[i % len(settings)]
+        for i in range(count)
+    ]
+
+
+def alone(loaded: LoadedModel, ask: dict) -> list[str]:
+    """What the library answers for each choice of `ask` on its own (choice i of a seeded ask: seed + i)."""
+    prompt = chat_prompt(loaded.tokenizer, [ChatMessage(**m) for m in ask["messages"]])
+    names = {"temperature", "top_p", "top_k", "min_p", "repetition_penalty"}
+    sampling = replace(
+        loaded.config.sampling,
+        max_new_tokens=ask["max_tokens"],
+        **{k: v for k, v in ask.items() if k in names},
+    )
+    stop = ask.get("stop", [])
+    stops = (*TEMPLATE.stop_strings, *([stop] if isinstance(stop, str) else stop))
+    engine = Engine(loaded.model, loaded.tokenizer)
+    seed = ask.get("seed")
+    return [
+        engine.complete(prompt, sampling, stop=stops, seed=None if seed is None else seed + choice).text
+        for choice in range(ask.get("n", 1))
+    ]
+
+
+def test_many_concurrent_mixed_requests_each_get_what_they_get_alone(loaded, caplog):
+    asks = mixed_asks(30)
+    expected = [alone(loaded, ask) for ask in asks]
+
+    async def ask_all(url: str) -> list[list[str]]:
+        async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0) as aclient:
+
+            async def ask(index: int, fields: dict) -> list[str]:
+                await asyncio.sleep(0.01 * (index % 7))  # arrivals spread over the running batch
+                extra = {k: fields.pop(k) for k in ("top_k", "min_p", "repetition_penalty") if k in fields}
+                fields["extra_body"] = extra
+                if index % 2:
+                    answer = await aclient.chat.completions.create(model=MODEL, **fields)
+                    return [c.message.content for c in answer.choices]
+                stream = await aclient.chat.completions.create(model=MODEL, stream=True, **fields)
+                texts = [""] * fields.get("n", 1)
+                async for chunk in stream:
+                    for choice in chunk.choices:
+                        texts[choice.index] += choice.delta.content or ""
+                return texts
+
+            return await asyncio.gather(*(ask(i, dict(fields)) for i, fields in enumerate(asks)))
+
+    with (
+        caplog.at_level(logging.DEBUG, logger="tinylm.server"),
+        running(create_app(loaded, max_batch_size=6)) as url,
+    ):
+        together = asyncio.run(ask_all(url))
+    assert together == expected
+    sizes = [int(m) for m in re.findall(r"batch of (\d+) rows", caplog.text)]
+    assert max(sizes) == 6  # the batch filled up, and requests joined it while it ran
+
+
+def batch_state(url: str) -> dict:
+    return httpx.get(f"{url}/health").json()["batches"][MODEL]
+
+
+def test_clients_that_leave_at_random_leave_no_rows_behind(loaded):
+    async def hundred_streams(url: str) -> None:
+        rng = random.Random(0)
+        async with httpx.AsyncClient(
+            base_url=url, timeout=60, limits=httpx.Limits(max_connections=100)
+        ) as http:
+
+            async def one(index: int) -> None:
+                body = {"model": MODEL, "messages": QUESTION, "max_tokens": 100, "stream": True}
+                body |= {"temperature": 0} if index % 2 else {"temperature": 1.0, "seed": index}
+                leave_after = rng.choice([0, 1, 3, 10, None])
+                async with http.stream("POST", "/v1/chat/completions", json=body) as response:
+                    lines = 0
+                    async for _ in response.aiter_lines():
+                        lines += 1
+                        if leave_after is not None and lines > leave_after:
+                            break
+
+            await asyncio.gather(*(one(i) for i in range(100)))
+
+    with running(create_app(loaded, max_batch_size=16)) as url:
+        asyncio.run(hundred_streams(url))
+        deadline = time.monotonic() + 30
+        while batch_state(url) != {"running": 0, "waiting": 0}:
+            assert time.monotonic() < deadline, f"rows left behind: {batch_state(url)}"
+            time.sleep(0.05)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        answer = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=20, temperature=0)
+        assert (
+            answer.choices[0].message.content
+            == reference(loaded, chat_ids(loaded, "hi"), 20, temperature=0.0).text
+        )
+
+
+def rss_mib() -> float:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads the resident size from /proc")
+def test_memory_stays_flat_over_a_thousand_sequential_requests(loaded):
+    with running(create_app(loaded)) as url, httpx.Client(base_url=url, timeout=30) as http:
+
+        def ask(index: int) -> None:
+            if index % 10:
+                body = {"model": MODEL, "prompt": f"text {index}", "max_tokens": 2, "logprobs": 1}
+                assert http.post("/v1/completions", json=body).status_code == 200
+            else:
+                body = {"model": MODEL, "messages": QUESTION, "max_tokens": 3, "stream": True}
+                assert "[DONE]" in http.post("/v1/chat/completions", json=body).text
+
+        for index in range(100):  # warm up: allocator pools, first-call caches
+            ask(index)
+        before = rss_mib()
+        for index in range(1000):
+            ask(index)
+        grown = rss_mib() - before
+    assert grown < 20, f"resident memory grew {grown:.1f} MiB over 1,000 requests"
+
+
+# -- log-probabilities, tokenize, refusals ------------------------------------------------------------
+
+
+def test_chat_logprobs_are_the_models_own_whole_and_streamed(client, loaded):
+    answer = client.chat.completions.create(
+        model=MODEL, messages=QUESTION, max_tokens=8, temperature=0, logprobs=True, top_logprobs=3
+    )
+    content = answer.choices[0].logprobs.content
+    assert "".join(entry.token for entry in content) == answer.choices[0].message.content
+    prompt = chat_ids(loaded, "hi")
+    tokens = loaded.tokenizer.encode(answer.choices[0].message.content)
+    with torch.inference_mode():
+        logits = loaded.model(torch.tensor([prompt + tokens]))[0, len(prompt) - 1 : -1]
+    expected = torch.log_softmax(logits.float(), dim=-1)
+    for position, (entry, token) in enumerate(zip(content, tokens, strict=True)):
+        assert entry.logprob == pytest.approx(float(expected[position, token]), abs=1e-4)
+        assert entry.bytes == list(entry.token.encode()) and len(entry.top_logprobs) == 3
+        assert entry.top_logprobs[0].token == entry.token  # greedy
+    _, chunks = streamed_chat(
+        client, messages=QUESTION, max_tokens=8, temperature=0, logprobs=True, top_logprobs=3
+    )
+    streamed = [
+        e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content
+    ]
+    assert [e.model_dump() for e in streamed] == [e.model_dump() for e in content]
+    plain = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=3, temperature=0)
+    assert plain.choices[0].logprobs is None
+
+
+def test_completion_echo_scores_the_prompt_as_lm_evaluation_harness_asks(client, loaded):
+    prompt = "the cat sat"
+    ids = loaded.tokenizer.encode(prompt)
+    scored = Engine(loaded.model, loaded.tokenizer).prompt_logprobs(ids, top=1)
+    answer = client.completions.create(model=MODEL, prompt=prompt, max_tokens=0, echo=True, logprobs=1)
+    choice = answer.choices[0]
+    assert choice.text == prompt and answer.usage.completion_tokens == 0
+    assert choice.logprobs.tokens == list(prompt) and choice.logprobs.token_logprobs[0] is None
+    assert choice.logprobs.token_logprobs[1:] == pytest.approx([e.logprob for e in scored[1:]])
+    assert choice.logprobs.text_offset == list(range(len(prompt)))
+    assert all(
+        max(top.values()) >= lp
+        for top, lp in zip(choice.logprobs.top_logprobs[1:], choice.logprobs.token_logprobs[1:], strict=True)
+    )
+    # lm-evaluation-harness's shape: token ids, echo, one generated token whose entry comes last.
+    raw = client.completions.create(
+        model=MODEL, prompt=ids, max_tokens=1, echo=True, logprobs=1, temperature=0
+    )
+    logprobs = raw.choices[0].logprobs
+    assert raw.choices[0].text.startswith(prompt) and len(logprobs.token_logprobs) == len(ids) + 1
+    assert logprobs.token_logprobs[1 : len(ids)] == pytest.approx([e.logprob for e in scored[1:]])
+    streamed = list(
+        client.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=5, logprobs=2, temperature=0, stream=True
+        )
+    )
+    tokens = [t for c in streamed if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    assert "".join(tokens) == "".join(c.choices[0].text for c in streamed) and len(tokens) == 5
+
+
+def test_models_state_their_context_window(client):
+    entry = client.models.retrieve(MODEL).model_dump()
+    assert entry["max_model_len"] == entry["context_length"] == WINDOW
+
+
+def test_tokenize_and_detokenize_as_llama_cpp_names_them(base_url, loaded):
+    tokens = httpx.post(f"{base_url}/tokenize", json={"content": "héllo"}).json()["tokens"]
+    assert tokens == loaded.tokenizer.encode("héllo")
+    assert httpx.post(f"{base_url}/detokenize", json={"tokens": tokens}).json()["content"] == "héllo"
+    pieces = httpx.post(f"{base_url}/tokenize", json={"content": "ab", "with_pieces": True}).json()
+    assert pieces == {"tokens": [{"id": 97, "piece": "a"}, {"id": 98, "piece": "b"}]}
+    special = httpx.post(f"{base_url}/tokenize", json={"content": "a", "add_special": True}).json()
+    assert special["tokens"] == [loaded.tokenizer.eos_id, 97]
+    bad = httpx.post(f"{base_url}/detokenize", json={"tokens": [1, 999]})
+    assert bad.status_code == 400 and error_of(bad)["param"] == "tokens"
+    assert httpx.post(f"{base_url}/tokenize", json={}).status_code == 400
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize"])
+def test_json_endpoints_refuse_other_content_types(base_url, path):
+    # A page in the user's browser may post text/plain anywhere without asking first.
+    response = httpx.post(
+        f"{base_url}{path}", content=b'{"model": "run"}', headers={"content-type": "text/plain"}
+    )
+    assert response.status_code == 415 and "application/json" in error_of(response)["message"]
+
+
+def test_docs_pages_are_off_and_load_nothing(loaded):
+    for key in (None, "secret"):
+        with running(create_app(loaded, api_key=key)) as url:
+            for path in ("/docs", "/redoc", "/openapi.json"):
+                assert httpx.get(f"{url}{path}").status_code == 404
+
+
+def test_a_temperature_that_underflows_is_greedy_over_the_api(client):
+    tiny = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=12, temperature=1e-40)
+    greedy = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=12, temperature=0)
+    assert tiny.choices[0].message.content == greedy.choices[0].message.content
+
+
+# -- lm-evaluation-harness through the API ---------------------------------------------------------------
+
+MC_QUESTIONS = [
+    ("the sky is", ["blue", "green", "loud"], 0),
+    ("two and two make", ["four", "five"], 0),
+    ("a cat says", ["woof", "meow", "moo"], 1),
+    ("ice is", ["hot", "cold"], 1),
+    ("the sun rises in the", ["west", "east", "north", "south"], 1),
+    ("fish live in", ["trees", "water"], 1),
+]
+MC_TASK = """task: tinylm_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: answer
+metric_list:
+  - metric: acc
+"""
+
+
+def own_accuracy(model, tokenizer) -> float:
+    """The task's accuracy from tinylm's own log-probabilities: the likeliest continuation " choice"."""
+    right = 0
+    for question, choices, answer in MC_QUESTIONS:
+        scores = []
+        for choice in choices:
+            context, whole = tokenizer.encode(question), tokenizer.encode(f"{question} {choice}")
+            with torch.inference_mode():
+                logprobs = torch.log_softmax(model(torch.tensor([whole]))[0].float(), dim=-1)
+            scores.append(sum(float(logprobs[i - 1, whole[i]]) for i in range(len(context), len(whole))))
+        right += max(range(len(choices)), key=lambda i: (scores[i], -i)) == answer
+    return right / len(MC_QUESTIONS)
+
+
+@pytest.fixture
+def no_network(monkeypatch) -> list:
+    """Every connection lm-eval tries beyond this machine is refused and noted."""
+    tried: list = []
+    connect = socket.socket.connect
+
+    def loopback_only(sock, address):
+        host = address[0] if isinstance(address, tuple) else None
+        if host is not None and not ipaddress.ip_address(host).is_loopback:
+            tried.append(address)
+            raise OSError(f"tests are offline: refused {address}")
+        return connect(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", loopback_only)
+    return tried
+
+
+def test_lm_evaluation_harness_scores_a_served_model(loaded, tmp_path, no_network):
+    pytest.importorskip("lm_eval")
+    data = tmp_path / "questions.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps(dict(zip(("question", "choices", "answer"), q, strict=True))) + "\n"
+            for q in MC_QUESTIONS
+        )
+    )
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "tinylm_mc.yaml").write_text(MC_TASK.format(data=data))
+
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    with running(create_app(loaded)) as url:
+        results = simple_evaluate(
+            model="local-completions",
+            model_args={
+                "model": "run",
+                "base_url": f"{url}/v1/completions",
+                "tokenizer_backend": "remote",
+                "max_length": 128,
+                "num_concurrent": 2,
+            },
+            tasks=["tinylm_mc"],
+            task_manager=TaskManager(include_path=str(tasks)),
+            num_fewshot=0,
+        )
+    accuracy = results["results"]["tinylm_mc"]["acc,none"]
+    assert accuracy == pytest.approx(own_accuracy(loaded.model, loaded.tokenizer))
+    assert no_network == []

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tinylm.config import SamplingConfig
-from tinylm.generate import Engine, _TextTracker
+from tinylm.generate import Engine, Request, _TextTracker
 from tinylm.prompts import TEMPLATE
 from tinylm.tokenizer import ByteTokenizer, build_tokenizer
 
@@ -73,12 +73,17 @@ def test_max_tokens_ends_with_length(memorised_engine):
     assert (last.finish_reason, last.completion_tokens, last.prompt_tokens) == ("length", 3, len(prompt))
 
 
-def test_stream_batch_rows_keep_their_own_limits_above_the_shared_setting(random_model):
+def test_stream_batch_rows_keep_their_own_limits(random_model):
     engine = Engine(random_model(), TOK)
-    prompts = [ids(n, seed=n) for n in (1, 5)]
-    steps = list(engine.stream_batch(prompts, replace(GREEDY, max_new_tokens=3), max_new_tokens=[3, 30]))
-    finals = [next(c for s in steps if (c := s[row]) is not None and c.finish_reason) for row in (0, 1)]
-    assert [(c.finish_reason, c.completion_tokens) for c in finals] == [("length", 3), ("length", 30)]
+    requests = [
+        Request(ids(1, seed=1), replace(GREEDY, max_new_tokens=3)),
+        Request(ids(5, seed=5), replace(GREEDY, max_new_tokens=30)),
+    ]
+    finals = {row: chunk for row, chunk in engine.stream_batch(requests) if chunk.finish_reason}
+    assert [(finals[r].finish_reason, finals[r].completion_tokens) for r in (0, 1)] == [
+        ("length", 3),
+        ("length", 30),
+    ]
 
 
 def test_the_last_chunk_reports_decoding_speed(random_model):

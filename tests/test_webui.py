@@ -7,19 +7,22 @@ checked is the page: streaming, per-session histories, the prompt it builds, the
 import io
 import itertools
 import json
+import socket
 
 import numpy as np
 import pytest
 from gradio_client import Client
+from gradio_client.exceptions import AppError
 from PIL import Image
 
 from tinylm import cli
 from tinylm.chat import ChatSession
-from tinylm.checkpoint import CheckpointError, find_checkpoints, load_model
+from tinylm.checkpoint import CheckpointError, ModelStore, find_checkpoints, load_model
 from tinylm.conversation import Conversation
+from tinylm.generate import Engine
 from tinylm.prompts import TEMPLATE, Turn, chat_prompt_budget
 from tinylm.tokenizer import ByteTokenizer
-from tinylm.webui import loss_curve
+from tinylm.webui import FAILED, build_app, launch, loss_curve
 
 TOK = ByteTokenizer()
 
@@ -177,3 +180,23 @@ def test_clear_or_a_newer_question_stops_an_answer_from_writing_back():
     conversation.clear()
     assert not conversation.answer(second, "yes, and")
     assert conversation.turns == []
+
+
+class FailingEngine(Engine):
+    def stream(self, prompt_ids, sampling, **options):
+        raise RuntimeError("'NoneType' object has no attribute 'strip'")
+
+
+def test_the_page_shows_a_plain_message_never_exception_text(scripted_run):
+    models = ModelStore(find_checkpoints(scripted_run.folder), open=FailingEngine)
+    app = build_app(models)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = launch(app, port=port, block=False)
+    try:
+        with pytest.raises(AppError) as raised:
+            ask(Client(url, verbose=False), "hello")
+        assert str(raised.value) == FAILED
+    finally:
+        app.close()

@@ -153,7 +153,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "--max-batch-size",
         type=int,
         default=16,
-        help="answer up to this many requests in one pass (1: one by one)",
+        help="rows in the live batch: requests join it between tokens (default 16; 1: one at a time)",
     )
     serve.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
 

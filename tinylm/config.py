@@ -109,6 +109,11 @@ class TrainConfig:
     compile: bool = False
 
 
+# Sampling values beyond these only overflow the logits (to inf and then NaN) or change nothing further.
+MAX_TEMPERATURE = 100.0
+REPETITION_PENALTY_RANGE = (0.01, 100.0)
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
     max_new_tokens: int = 100
@@ -201,11 +206,19 @@ class Config:
             ),
             (t.loss_chunk_size >= 0, "train.loss_chunk_size", "must not be negative (0 turns chunking off)"),
             (s.max_new_tokens > 0, "sampling.max_new_tokens", "must be positive"),
-            (s.temperature >= 0, "sampling.temperature", "must not be negative"),
+            (
+                0 <= s.temperature <= MAX_TEMPERATURE,
+                "sampling.temperature",
+                f"must be between 0 and {MAX_TEMPERATURE:g} (below 1e-5 it is greedy)",
+            ),
             (s.top_k >= 0, "sampling.top_k", "must not be negative (0 turns it off)"),
             (0 < s.top_p <= 1, "sampling.top_p", "must be in (0, 1]"),
             (0 <= s.min_p < 1, "sampling.min_p", "must be in [0, 1)"),
-            (s.repetition_penalty > 0, "sampling.repetition_penalty", "must be positive"),
+            (
+                REPETITION_PENALTY_RANGE[0] <= s.repetition_penalty <= REPETITION_PENALTY_RANGE[1],
+                "sampling.repetition_penalty",
+                "must be between {:g} and {:g} (1 turns it off)".format(*REPETITION_PENALTY_RANGE),
+            ),
         ]
         for ok, name, why in checks:
             if not ok:

@@ -1,23 +1,28 @@
 """Generation in layers: pick the next token, generate token ids with a KV cache, stream text.
 
-`Engine(model, tokenizer)` is the one way in: the terminal chat, the web page and the HTTP API all read its
-`stream` (one prompt), `stream_batch` (several prompts in one batched pass, streamed row by row) or
-`generate_batch` (their whole answers). Below those, `generate_ids` repeats `next_token` over the engine's
-`prefill` and per-token `step`, which keep each row's window in a `KVCache`. Nothing here knows about HTTP,
-terminals or training.
+`Engine(model, tokenizer)` is the one way in. Text comes from a live `Batch`: requests (`Request`: a prompt
+and its own sampling settings, stop strings, seed and log-probability wish) join it between decode steps and
+leave it when they finish; the HTTP API drives one directly, and the terminal chat and the web page read
+`Engine.stream` (one prompt), which runs a batch of one. `generate_batch` gives whole answers. Below those,
+`prefill` and the per-token `step` keep each row's window in a `KVCache`, `next_token` picks each token, and
+`generate_ids` repeats them for a fixed batch of token ids. Nothing here knows about HTTP, terminals or
+training.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Generator, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
 
 import torch
 
 from tinylm.config import SamplingConfig
 from tinylm.model import KVCache, TinyLM
 from tinylm.tokenizer import Tokenizer
+
+# A temperature below this is greedy: dividing logits by a vanishing temperature would overflow to inf/NaN.
+GREEDY_BELOW = 1e-5
 
 
 def next_token(
@@ -29,7 +34,7 @@ def next_token(
 ) -> torch.Tensor:
     """Choose one token per row from last-position logits (B, V).
 
-    Order: repetition penalty, then temperature (0 means greedy argmax), top-k, top-p, min-p, draw.
+    Order: repetition penalty, then temperature (below GREEDY_BELOW: greedy argmax), top-k, top-p, min-p, draw.
     `seen` (B, V) marks tokens already in each row's context, for the repetition penalty.
     """
     logits = logits.float()
@@ -38,7 +43,7 @@ def next_token(
             logits > 0, logits / sampling.repetition_penalty, logits * sampling.repetition_penalty
         )
         logits = torch.where(seen, penalised, logits)
-    if sampling.temperature == 0:
+    if sampling.temperature < GREEDY_BELOW:
         return logits.argmax(dim=-1)
     logits = logits / sampling.temperature
     # Candidates sorted from most to least likely: the top k only when top-k is on, so that top-p sorts k
@@ -100,15 +105,33 @@ class _TextTracker:
         return chunk
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated (or prompt) token, its log-probability under the model, and the likeliest alternatives.
+
+    Log-probabilities are the model's own (a log-softmax of its logits), before the repetition penalty,
+    temperature or any filter, as OpenAI and vLLM report them.
+    """
+
+    token: int
+    text: str
+    logprob: float
+    top: tuple[tuple[int, str, float], ...] = ()
+
+
 @dataclass
 class Chunk:
-    """A piece of streamed text; the last chunk of a stream carries finish_reason and the counts."""
+    """A piece of streamed text; the last chunk of a stream carries finish_reason and the counts.
+
+    `logprobs` (when asked for) holds the tokens whose text this chunk completes.
+    """
 
     text: str
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
     seconds: float = 0.0
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
     @property
     def tokens_per_sec(self) -> float:
@@ -122,6 +145,178 @@ class Completion:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Request:
+    """One answer to generate, with its own settings, so that any mix of requests can share one batch.
+
+    A seeded request draws from its own generator, so its answer does not depend on the other rows.
+    `logprobs` asks for each token's log-probability and that many likeliest alternatives.
+    """
+
+    prompt: Sequence[int]
+    sampling: SamplingConfig
+    stop: Sequence[str] = ()
+    seed: int | None = None
+    logprobs: int | None = None
+
+
+class Row:
+    """One request's place in a live `Batch`: its text so far, its token count and its own generator."""
+
+    def __init__(self, request: Request, tokenizer: Tokenizer, device: torch.device):
+        self.request = request
+        self.tokenizer = tokenizer
+        self.tracker = _TextTracker(tokenizer, request.stop)
+        self.generator = None
+        if request.seed is not None:
+            self.generator = torch.Generator(device=device).manual_seed(request.seed)
+        self.count = 0
+        self.started = time.perf_counter()
+        # Log-probabilities of tokens whose text is not shown yet, each with where its text ends.
+        self._pending: list[tuple[TokenLogprob, int]] = []
+
+    def push(self, token: int, logprob: TokenLogprob | None) -> Chunk | None:
+        """Take this row's next token; the chunk to send, or None while its text is held back."""
+        self.count += 1
+        tracker = self.tracker
+        text = tracker.push(token)
+        if logprob is not None and token != self.tokenizer.eos_id:
+            self._pending.append((logprob, len(tracker.text.rstrip("\ufffd"))))
+        reason = tracker.finish_reason
+        if reason is None and self.count >= self.request.sampling.max_new_tokens:
+            text, reason = text + tracker.flush(), "length"
+        # A token is reported, in order, with the chunk that shows the end of its text; those of a stop
+        # string never are.
+        ready = 0
+        while ready < len(self._pending) and self._pending[ready][1] <= tracker.shown:
+            ready += 1
+        shown = [lp for lp, _ in self._pending[:ready]]
+        self._pending = self._pending[ready:] if reason is None else []
+        if reason is None:
+            return Chunk(text, logprobs=shown) if text or shown else None
+        return Chunk(
+            text,
+            finish_reason=reason,
+            prompt_tokens=len(self.request.prompt),
+            completion_tokens=self.count,
+            seconds=time.perf_counter() - self.started,
+            logprobs=shown,
+        )
+
+
+class Batch:
+    """A live batch: requests join between decode steps (prefilled, then joined to the running cache) and
+    leave when they finish or are removed, freeing their row at once.
+
+    Each row picks its token with its own settings from its own logits, so a greedy row gets exactly the
+    tokens it gets alone and a seeded row the same text whatever else is in the batch. Not thread-safe:
+    one thread drives a batch.
+    """
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.rows: list[Row] = []
+        self._cache: KVCache | None = None
+        self._logits: torch.Tensor | None = None  # (B, V): every row's next-token logits
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @torch.inference_mode()
+    def add(self, requests: Sequence[Request]) -> list[Row]:
+        """Prefill these requests in one pass and join them to the batch; their rows, in order."""
+        if not requests:
+            return []
+        for request in requests:
+            if request.sampling.max_new_tokens < 1:
+                raise ValueError(f"max_new_tokens must be at least 1, got {request.sampling.max_new_tokens}")
+        cache, logits = self.engine.prefill([r.prompt for r in requests])
+        if self._cache is None or self._logits is None:
+            self._cache, self._logits = cache, logits
+        else:
+            self._cache.join(cache)
+            self._logits = torch.cat([self._logits, logits])
+        rows = [Row(r, self.engine.tokenizer, logits.device) for r in requests]
+        self.rows += rows
+        return rows
+
+    @torch.inference_mode()
+    def remove(self, rows: Sequence[Row]) -> None:
+        """These rows leave the batch now (a client that went away); the others go on unchanged."""
+        gone = set(map(id, rows))
+        kept = [index for index, row in enumerate(self.rows) if id(row) not in gone]
+        if len(kept) == len(self.rows):
+            return
+        self.rows = [self.rows[index] for index in kept]
+        if not kept or self._cache is None or self._logits is None:
+            self._cache, self._logits = None, None
+            return
+        self._cache.keep(kept)
+        self._logits = self._logits[kept]
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[Row, Chunk]]:
+        """Every row takes its next token; the rows with text to show (or that finished) and their chunks.
+
+        Finished rows leave before the forward pass that gives the others their next logits.
+        """
+        if self._cache is None or self._logits is None:
+            return []
+        logits, cache = self._logits, self._cache
+        seen = None
+        if any(row.request.sampling.repetition_penalty != 1.0 for row in self.rows):
+            seen = _in_windows(cache, logits.size(-1))
+        tokens = torch.stack(
+            [
+                next_token(
+                    logits[index : index + 1],
+                    row.request.sampling,
+                    seen=None if seen is None else seen[index : index + 1],
+                    generator=row.generator,
+                )[0]
+                for index, row in enumerate(self.rows)
+            ]
+        )
+        chosen = tokens.tolist()
+        logprobs = self._logprobs(logits, chosen)
+        chunks: list[tuple[Row, Chunk]] = []
+        for row, token, logprob in zip(self.rows, chosen, logprobs, strict=True):
+            chunk = row.push(token, logprob)
+            if chunk is not None:
+                chunks.append((row, chunk))
+        finished = [row for row, chunk in chunks if chunk.finish_reason is not None]
+        if finished:
+            staying = [index for index, row in enumerate(self.rows) if row not in finished]
+            self.remove(finished)
+            tokens = tokens[staying]
+        if self.rows:
+            self._logits = self.engine.step(cache, tokens)
+        return chunks
+
+    def _logprobs(self, logits: torch.Tensor, chosen: list[int]) -> list[TokenLogprob | None]:
+        """The chosen tokens' log-probabilities for the rows that asked for them."""
+        wanted = [index for index, row in enumerate(self.rows) if row.request.logprobs is not None]
+        found: list[TokenLogprob | None] = [None] * len(self.rows)
+        if not wanted:
+            return found
+        logprobs = torch.log_softmax(logits[wanted].float(), dim=-1)
+        for place, index in enumerate(wanted):
+            top = self.rows[index].request.logprobs or 0
+            found[index] = _token_logprob(self.engine.tokenizer, logprobs[place], chosen[index], top)
+        return found
+
+
+def _token_logprob(tokenizer: Tokenizer, logprobs: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    """`token`'s entry in one position's log-probabilities (V,), with the `top` likeliest alternatives."""
+    alternatives: tuple[tuple[int, str, float], ...] = ()
+    if top:
+        values, ids = torch.topk(logprobs, top)
+        alternatives = tuple(
+            (i, tokenizer.decode([i]), v) for i, v in zip(ids.tolist(), values.tolist(), strict=True)
+        )
+    return TokenLogprob(token, tokenizer.decode([token]), float(logprobs[token]), alternatives)
 
 
 class Engine:
@@ -223,64 +418,36 @@ class Engine:
             return (weight @ hidden.t()).t()
         return torch.addmm(bias[:, None], weight, hidden.t()).t()
 
-    def stream_batch(
-        self,
-        prompts: Sequence[Sequence[int]],
-        sampling: SamplingConfig,
-        *,
-        stops: Sequence[Sequence[str]] | None = None,
-        max_new_tokens: Sequence[int] | None = None,
-        seed: int | None = None,
-    ) -> Generator[list[Chunk | None], None, None]:
-        """Stream several prompts from one batched pass: each step yields one chunk per row.
+    @torch.inference_mode()
+    def prompt_logprobs(self, prompt: Sequence[int], *, top: int = 0) -> list[TokenLogprob | None]:
+        """Each prompt token's log-probability given the tokens before it (None for the first, which has
+        no context), with `top` alternatives: what scoring a text through the API (`echo`) reports.
 
-        A row's chunk is None once that row has finished; its last chunk carries finish_reason and the counts.
-        Each row stops on its own end-of-text, its own stop strings (`stops[row]`) or its own token limit
-        (`max_new_tokens[row]`, default sampling.max_new_tokens), so requests with different options can
-        share the forward passes. Iteration ends when every row has finished.
+        The prompt must fit in the context window.
         """
-        started = time.perf_counter()
-        trackers = [_TextTracker(self.tokenizer, row_stop) for row_stop in (stops or [()] * len(prompts))]
-        limits = list(max_new_tokens or [sampling.max_new_tokens] * len(prompts))
-        if not len(trackers) == len(limits) == len(prompts):
-            raise ValueError("stops and max_new_tokens need one entry per prompt")
-        if any(limit < 1 for limit in limits):
-            raise ValueError(f"max_new_tokens must be at least 1 for every row, got {limits}")
-        counts = [0] * len(prompts)
-        finished = [False] * len(prompts)
-        longest = replace(sampling, max_new_tokens=max(limits, default=1))
-        tokens = self.generate_ids(prompts, longest, seed=seed)
-        try:
-            for row_tokens in tokens:
-                chunks: list[Chunk | None] = []
-                for row, token in enumerate(row_tokens.tolist()):
-                    if finished[row]:
-                        chunks.append(None)
-                        continue
-                    tracker = trackers[row]
-                    counts[row] += 1
-                    text = tracker.push(token)
-                    reason = tracker.finish_reason
-                    if reason is None and counts[row] >= limits[row]:
-                        text, reason = text + tracker.flush(), "length"
-                    if reason is None:
-                        chunks.append(Chunk(text))
-                        continue
-                    finished[row] = True
-                    chunks.append(
-                        Chunk(
-                            text,
-                            finish_reason=reason,
-                            prompt_tokens=len(prompts[row]),
-                            completion_tokens=counts[row],
-                            seconds=time.perf_counter() - started,
-                        )
-                    )
-                yield chunks
-                if all(finished):
-                    return
-        finally:
-            tokens.close()
+        if not prompt:
+            raise ValueError("the prompt needs at least one token")
+        window = self.model.config.max_seq_length
+        if len(prompt) > window:
+            raise ValueError(f"a prompt of {len(prompt)} tokens exceeds the context window of {window}")
+        ids = torch.tensor([list(prompt)], dtype=torch.long, device=self.model.head.weight.device)
+        logprobs = torch.log_softmax(self.model(ids)[0, :-1].float(), dim=-1)  # (T - 1, V)
+        found: list[TokenLogprob | None] = [None]
+        for position, token in enumerate(prompt[1:]):
+            found.append(_token_logprob(self.tokenizer, logprobs[position], token, top))
+        return found
+
+    def stream_batch(self, requests: Sequence[Request]) -> Iterator[tuple[int, Chunk]]:
+        """Stream several requests from one live batch: (request index, chunk) pairs as text comes.
+
+        Each request stops on its own end-of-text, stop strings or token limit; its last chunk carries its
+        finish_reason and counts. Iteration ends when every request has finished.
+        """
+        batch = Batch(self)
+        index = {id(row): i for i, row in enumerate(batch.add(requests))}
+        while batch:
+            for row, chunk in batch.step():
+                yield index[id(row)], chunk
 
     def stream(
         self,
@@ -289,14 +456,15 @@ class Engine:
         *,
         stop: Sequence[str] = (),
         seed: int | None = None,
+        logprobs: int | None = None,
     ) -> Iterator[Chunk]:
         """Stream the answer to one prompt as text chunks, ending with a chunk that has finish_reason.
 
         finish_reason is "stop" (end-of-text or a stop string) or "length" (max_new_tokens reached).
         """
-        for (chunk,) in self.stream_batch([prompt_ids], sampling, stops=[stop], seed=seed):
-            if chunk is not None and (chunk.text or chunk.finish_reason):
-                yield chunk
+        request = Request(prompt_ids, sampling, stop, seed, logprobs)
+        for _, chunk in self.stream_batch([request]):
+            yield chunk
 
     def complete(
         self,
@@ -307,14 +475,7 @@ class Engine:
         seed: int | None = None,
     ) -> Completion:
         """The whole answer to one prompt at once (a drained `stream`)."""
-        chunks = list(self.stream(prompt_ids, sampling, stop=stop, seed=seed))
-        last = chunks[-1]
-        return Completion(
-            "".join(c.text for c in chunks),
-            last.finish_reason or "length",
-            last.prompt_tokens,
-            last.completion_tokens,
-        )
+        return self.generate_batch([prompt_ids], sampling, stop=stop, seed=seed)[0]
 
     def generate_batch(
         self,
@@ -324,14 +485,13 @@ class Engine:
         stop: Sequence[str] = (),
         seed: int | None = None,
     ) -> list[Completion]:
-        """Answer several prompts in one batched pass; each row stops on its own end-of-text, stop or length."""
+        """Answer several prompts in one batch; each row stops on its own end-of-text, stop or length, and
+        a seed gives each row what that seed gives it alone."""
         texts: list[list[str]] = [[] for _ in prompts]
         last: list[Chunk] = [Chunk("") for _ in prompts]
-        for chunks in self.stream_batch(prompts, sampling, stops=[stop] * len(prompts), seed=seed):
-            for row, chunk in enumerate(chunks):
-                if chunk is not None:
-                    texts[row].append(chunk.text)
-                    last[row] = chunk
+        for row, chunk in self.stream_batch([Request(p, sampling, stop, seed) for p in prompts]):
+            texts[row].append(chunk.text)
+            last[row] = chunk
         return [
             Completion("".join(text), end.finish_reason or "length", end.prompt_tokens, end.completion_tokens)
             for text, end in zip(texts, last, strict=True)

@@ -1,31 +1,36 @@
-"""An OpenAI-compatible HTTP API: a thin FastAPI layer over `Engine.stream_batch`.
+"""An OpenAI-compatible HTTP API: a thin FastAPI layer over the engine's live `Batch`.
 
-Any client of OpenAI's API (the `openai` libraries, chat front ends, editors) can talk to a tinylm model:
-`GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions` (streamed as server-sent events when
-`stream` is true) and `GET /health`.
+Any client of OpenAI's API (the `openai` libraries, chat front ends, editors, lm-evaluation-harness) can
+talk to a tinylm model: `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions` (streamed as
+server-sent events when `stream` is true), llama.cpp's `POST /tokenize` and `POST /detokenize` (with
+vLLM's `GET /tokenizer_info`, which lm-evaluation-harness reads), and `GET /health`.
 
 How OpenAI's notions map onto a tinylm model:
 
 - Model id: the name of the run folder for a run folder or its `best_model.pt` / `latest.pt`, else the
   checkpoint file's stem (`runs/demo` and `runs/demo/best_model.pt` are both "demo";
-  `runs/demo/checkpoint_step_500.pt` is "checkpoint_step_500").
+  `runs/demo/checkpoint_step_500.pt` is "checkpoint_step_500"). Its entry states the context window.
 - Chat: messages are rendered through the prompt template the model was trained on. Earlier user/assistant
   pairs become earlier turns; consecutive messages of one role are joined by a blank line. The template has
   no slot for a system prompt but one for a context passage (Dolly's `context`), so system (and developer)
   messages become the context passage of the last user message: put a passage to answer from there. The
   end of a turn ("### Instruction:") is always a stop string.
-- Completions: the prompt is raw text, continued as is (no template); an empty prompt starts after
-  end-of-text, where every training record starts.
+- Completions: the prompt is raw text (or token ids), continued as is (no template); an empty prompt starts
+  after end-of-text, where every training record starts. `echo` returns the prompt before the answer, and
+  with `logprobs` its tokens' log-probabilities (`max_tokens: 0` scores a text without generating).
 - Limits: the prompt plus max_tokens must fit the context window. Nothing is trimmed or dropped silently:
   a prompt that leaves no room, or a max_tokens that does not fit, is a 400 error naming the numbers.
   Without max_tokens, an answer gets the checkpoint's max_new_tokens or what fits, whichever is less.
 - Sampling: temperature, top_p and seed as OpenAI defines them; the checkpoint's sampling config fills in
-  what a request leaves out, and top_k, min_p and repetition_penalty may be sent as extra fields.
+  what a request leaves out, and top_k, min_p and repetition_penalty may be sent as extra fields. Choice i
+  of a seeded request with n > 1 uses seed + i.
+- Log-probabilities are the model's own (before penalties, temperature and filters), in OpenAI's shapes.
+- Options this server cannot honour (tools, response_format, logit_bias, ...) are a 400 naming the field.
 
-Generation runs on one worker thread per model, never on the event loop. Requests that arrive while the
-model is busy wait; the worker then answers up to `max_batch_size` of them in one batched pass when they
-sample alike (a seeded sampled request runs alone, so its seed alone decides its tokens). Each row of a
-batch gets the same tokens as it would alone, and streams as it is generated.
+Generation runs on one worker thread per model, never on the event loop, in one live batch (continuous
+batching): a new request is prefilled and joins between decode steps, a finished one (or one whose client
+went away) leaves at once, and every row samples with its own settings, so any mix of requests shares the
+forward passes. Each row gets the same tokens as it would alone.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ import socket
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -53,32 +59,32 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from starlette.exceptions import HTTPException
 
 from tinylm.checkpoint import BEST, LATEST, LoadedModel
-from tinylm.config import SamplingConfig
-from tinylm.generate import Chunk, Engine
+from tinylm.config import MAX_TEMPERATURE, REPETITION_PENALTY_RANGE
+from tinylm.generate import Batch, Chunk, Engine, Row, TokenLogprob
+from tinylm.generate import Request as GenerationRequest
 from tinylm.prompts import TEMPLATE, TextTokenizer, Turn
 
 logger = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1 << 20
-# How long the worker waits for more requests to join a batch (see BatchScheduler._collect): this share
-# of the last batch's time, at most BATCH_WAIT_MAX_S.
-BATCH_WAIT_SHARE = 0.1
-BATCH_WAIT_MAX_S = 0.25
-# Rows one request may ask for (prompts x n); a batch may hold several requests' rows.
+# Rows one request may ask for (prompts x n); the live batch holds up to max_batch_size rows of any requests.
 MAX_ROWS_PER_REQUEST = 16
+# Alternatives per token that logprobs / top_logprobs may ask for (OpenAI's chat limit).
+MAX_TOP_LOGPROBS = 20
 # OpenAI options whose meaning this server cannot honour; sending one (with a non-empty value) is a 400
 # rather than an answer that silently ignores it. Other unknown fields are ignored, as OpenAI's clients
 # send extras (user, metadata, ...).
-UNSUPPORTED_OPTIONS = (
-    "logprobs",
-    "top_logprobs",
-    "echo",
-    "suffix",
-    "logit_bias",
+UNSUPPORTED_OPTIONS = ("suffix", "frequency_penalty", "presence_penalty")
+# Options refused whenever they are sent at all (even false or empty): each changes what a client expects
+# back (tool calls, JSON, biased tokens), so an answer without them would mislead.
+REFUSED_OPTIONS = (
+    "response_format",
     "tools",
+    "tool_choice",
+    "parallel_tool_calls",
     "functions",
-    "frequency_penalty",
-    "presence_penalty",
+    "function_call",
+    "logit_bias",
 )
 
 
@@ -110,6 +116,7 @@ class APIError(Exception):
 
 # Held-back text is checked against every prefix of every stop string at each token: keep them short.
 _StopString = Annotated[str, Field(max_length=256)]
+_TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 
 
 class StreamOptions(BaseModel):
@@ -117,23 +124,29 @@ class StreamOptions(BaseModel):
 
 
 class _Request(BaseModel):
-    """Fields both endpoints share; unknown fields are kept in `model_extra` to check UNSUPPORTED_OPTIONS."""
+    """Fields both endpoints share; unknown fields are kept in `model_extra` to check the refused options."""
 
     model_config = ConfigDict(extra="allow")
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
+    temperature: float | None = Field(None, ge=0, le=min(2.0, MAX_TEMPERATURE))
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0)
     min_p: float | None = Field(None, ge=0, lt=1)
-    repetition_penalty: float | None = Field(None, gt=0)
+    repetition_penalty: float | None = Field(
+        None, ge=REPETITION_PENALTY_RANGE[0], le=REPETITION_PENALTY_RANGE[1]
+    )
     n: int | None = Field(None, ge=1, le=MAX_ROWS_PER_REQUEST)
     stop: _StopString | Annotated[list[_StopString], Field(max_length=4)] | None = None
     # The range torch.Generator.manual_seed accepts.
     seed: int | None = Field(None, ge=-(1 << 63), lt=1 << 64)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
+
+    def top_logprobs_wanted(self) -> int | None:
+        """Alternatives per token to report, or None when log-probabilities are not wanted."""
+        return None
 
 
 class ChatMessage(BaseModel):
@@ -158,13 +171,51 @@ class ChatRequest(_Request):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     # The newer name of max_tokens in OpenAI's chat API.
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    def top_logprobs_wanted(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs: needs logprobs set to true", param="top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(_Request):
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=MAX_ROWS_PER_REQUEST)]
+    prompt: (
+        str
+        | Annotated[list[str], Field(min_length=1, max_length=MAX_ROWS_PER_REQUEST)]
+        | _TokenIds
+        | Annotated[list[_TokenIds], Field(min_length=1, max_length=MAX_ROWS_PER_REQUEST)]
+    )
+    # 0 scores the prompt without generating (with echo).
+    max_tokens: int | None = Field(None, ge=0)
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    echo: bool | None = False
+
+    def top_logprobs_wanted(self) -> int | None:
+        if self.max_tokens == 0 and not self.echo:
+            raise APIError(
+                400, "max_tokens: 0 is allowed only with echo (to score the prompt)", param="max_tokens"
+            )
+        return self.logprobs
 
 
-_R = TypeVar("_R", bound=_Request)
+class TokenizeRequest(BaseModel):
+    """llama.cpp's /tokenize body; `prompt` is vLLM's name for `content`."""
+
+    model: str | None = None
+    content: str | None = None
+    prompt: str | None = None
+    add_special: bool = False
+    with_pieces: bool = False
+
+
+class DetokenizeRequest(BaseModel):
+    model: str | None = None
+    tokens: list[Annotated[int, Field(ge=0)]]
+
+
+_R = TypeVar("_R", bound=BaseModel)
 
 
 def _describe(error: ValidationError) -> APIError:
@@ -187,6 +238,13 @@ def _describe(error: ValidationError) -> APIError:
 
 
 async def _parse(request: Request, schema: type[_R]) -> _R:
+    # A browser may post a text/plain body to any address without asking first (a "simple" cross-site
+    # request); requiring JSON's content type makes it ask, and a key-less local server then stays private.
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != "application/json":
+        raise APIError(
+            415, f"The request body must be sent as application/json, not {content_type or 'untyped'}"
+        )
     body = bytearray()
     async for part in request.stream():
         body += part
@@ -196,8 +254,12 @@ async def _parse(request: Request, schema: type[_R]) -> _R:
         parsed = schema.model_validate_json(bytes(body))
     except ValidationError as exc:
         raise _describe(exc) from None
+    extra = parsed.model_extra or {}
+    for name in REFUSED_OPTIONS:
+        if extra.get(name) is not None:
+            raise APIError(400, f"{name} is not supported by tinylm's server", param=name)
     for name in UNSUPPORTED_OPTIONS:
-        if (parsed.model_extra or {}).get(name):
+        if extra.get(name):
             raise APIError(400, f"{name} is not supported by tinylm's server", param=name)
     return parsed
 
@@ -238,24 +300,21 @@ def model_id(loaded: LoadedModel) -> str:
 
 @dataclass(eq=False)
 class Job:
-    """One request's rows, and the queue its chunks travel on from the worker thread to the event loop."""
+    """One request's answers (one generation request per choice), and the queue their chunks travel on
+    from the worker thread to the event loop."""
 
-    rows: list[list[int]]
-    sampling: SamplingConfig
-    stop: tuple[str, ...]
-    seed: int | None
+    requests: list[GenerationRequest]
     loop: asyncio.AbstractEventLoop
+    # With echo: each choice's prompt log-probabilities, filled in by the worker before its first chunk.
+    echo: bool = False
+    prompt_logprobs: list[list[TokenLogprob | None]] = field(default_factory=list)
     events: asyncio.Queue[tuple[int, Chunk] | Exception] = field(default_factory=asyncio.Queue)
-    # Set by the event loop when the client has gone; the worker then stops generating for it.
+    # Set by the event loop when the client has gone; the worker then drops the job's rows.
     cancelled: bool = False
 
-    def batch_key(self) -> object:
-        """Jobs with equal keys can share forward passes: they pick tokens by the same rule."""
-        if self.sampling.temperature == 0:
-            return ("greedy", self.sampling.repetition_penalty)
-        if self.seed is not None:
-            return ("alone", id(self))  # one generator per batch: a seed decides its tokens only alone
-        return replace(self.sampling, max_new_tokens=0)
+    @property
+    def generates(self) -> bool:
+        return self.requests[0].sampling.max_new_tokens > 0
 
     def send(self, item: tuple[int, Chunk] | Exception) -> None:
         try:
@@ -264,8 +323,8 @@ class Job:
             self.cancelled = True
 
     async def chunks(self) -> AsyncIterator[tuple[int, Chunk]]:
-        """(row, chunk) pairs until every row has finished; leaving early cancels the job."""
-        remaining = len(self.rows)
+        """(choice, chunk) pairs until every choice has finished; leaving early cancels the job."""
+        remaining = len(self.requests)
         try:
             while remaining:
                 item = await self.events.get()
@@ -277,15 +336,29 @@ class Job:
             self.cancelled = True
 
 
-class BatchScheduler:
-    """Owns one model: a single worker thread answers queued jobs, batching the ones that sample alike."""
+class Scheduler:
+    """Owns one model's live batch: a single worker thread admits queued jobs between decode steps, up to
+    `max_batch_size` rows, and drops the rows of finished or abandoned ones at once."""
 
     def __init__(self, loaded: LoadedModel, *, max_batch_size: int):
         self.loaded = loaded
         self.engine = Engine(loaded.model, loaded.tokenizer)
         self.max_batch_size = max_batch_size
+        self._batch = Batch(self.engine)
+        self._owners: dict[int, tuple[Job, int, Row]] = {}  # id(row) -> (job, choice, row)
+        self._waiting: deque[Job] = deque()
         self._inbox: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name=f"tinylm-{model_id(loaded)}", daemon=True)
+
+    @property
+    def running(self) -> int:
+        """Rows in the live batch now."""
+        return len(self._batch)
+
+    @property
+    def waiting(self) -> int:
+        """Jobs queued for room in the batch."""
+        return len(self._waiting) + self._inbox.qsize()
 
     def start(self) -> None:
         self._thread.start()
@@ -298,88 +371,108 @@ class BatchScheduler:
         self._inbox.put(job)
 
     def _run(self) -> None:
-        waiting: list[Job] = []
-        rows, seconds = 1, 0.0  # of the last batch
-        while self._collect(waiting, rows, min(BATCH_WAIT_MAX_S, BATCH_WAIT_SHARE * seconds)):
-            waiting = [job for job in waiting if not job.cancelled]
-            if waiting:
-                batch = self._take_batch(waiting)
-                waiting = [job for job in waiting if job not in batch]
-                rows, started = sum(len(job.rows) for job in batch), time.perf_counter()
-                self._answer(batch)
-                seconds = time.perf_counter() - started
-        for job in waiting:
-            job.send(APIError(503, "the server is shutting down", kind="server_error"))
-
-    def _collect(self, waiting: list[Job], expected: int, wait: float) -> bool:
-        """Move queued jobs into `waiting`; False once stop() was called.
-
-        Blocks for a first job, then waits up to `wait` seconds while fewer rows wait than `expected`:
-        clients answered by one batch ask again at about the same time, but not at once (tens of
-        milliseconds apart on a busy machine), and would otherwise be split into a batch of the first
-        and a batch of the rest. Waiting a share of a batch's time keeps the cost to latency that share.
-        """
-        deadline = time.monotonic() + wait if waiting else None
-        while True:
-            short = sum(len(job.rows) for job in waiting) < min(expected, self.max_batch_size)
-            try:
-                if not waiting:
-                    job = self._inbox.get()
-                elif short and deadline is not None and time.monotonic() < deadline:
-                    job = self._inbox.get(timeout=max(0.0, deadline - time.monotonic()))
-                else:
+        stopping = False
+        while not stopping:
+            if not self._batch and not self._waiting:
+                first = self._inbox.get()  # idle: block until there is work
+                if first is None:
+                    break
+                self._waiting.append(first)
+            while True:
+                try:
                     job = self._inbox.get_nowait()
-            except queue.Empty:
-                return True
-            if job is None:
-                return False
-            waiting.append(job)
-            deadline = deadline or time.monotonic() + wait
+                except queue.Empty:
+                    break
+                if job is None:
+                    stopping = True
+                    break
+                self._waiting.append(job)
+            if stopping:
+                break
+            self._drop_cancelled()
+            self._admit()
+            self._step()
+        gone = APIError(503, "the server is shutting down", kind="server_error")
+        for job in {*self._waiting, *(owner[0] for owner in self._owners.values())}:
+            job.send(gone)
 
-    def _take_batch(self, waiting: list[Job]) -> list[Job]:
-        """The oldest job, and younger ones that sample alike, up to max_batch_size rows."""
-        first = waiting[0]
-        batch, rows = [first], len(first.rows)
-        for job in waiting[1:]:
-            if job.batch_key() == first.batch_key() and rows + len(job.rows) <= self.max_batch_size:
-                batch.append(job)
-                rows += len(job.rows)
-        return batch
+    def _drop_cancelled(self) -> None:
+        self._waiting = deque(job for job in self._waiting if not job.cancelled)
+        gone = [row for job, _, row in self._owners.values() if job.cancelled]
+        if gone:
+            self._batch.remove(gone)
+            for row in gone:
+                del self._owners[id(row)]
 
-    def _answer(self, batch: list[Job]) -> None:
-        owners = [(job, row) for job in batch for row in range(len(job.rows))]
-        logger.debug("answering a batch of %d rows from %d requests", len(owners), len(batch))
-        unfinished = {job: len(job.rows) for job in batch}
-        steps = self.engine.stream_batch(
-            [job.rows[row] for job, row in owners],
-            batch[0].sampling,
-            stops=[job.stop for job, _ in owners],
-            max_new_tokens=[job.sampling.max_new_tokens for job, _ in owners],
-            seed=batch[0].seed,
-        )
-        try:
-            with contextlib.closing(steps):
-                for chunks in steps:
-                    for (job, row), chunk in zip(owners, chunks, strict=True):
-                        if chunk is not None and not job.cancelled:
-                            job.send((row, chunk))
-                            unfinished[job] -= chunk.finish_reason is not None
-                    if all(job.cancelled or unfinished[job] == 0 for job in batch):
-                        return
-        except Exception as exc:  # the server lives on; the requests in this batch get a 500
-            logger.exception("generation failed for a batch of %d rows", len(owners))
-            for job in batch:
+    def _admit(self) -> None:
+        """Prefill waiting jobs (oldest first) that fit beside the running rows, in one pass."""
+        admitted: list[Job] = []
+        room = self.max_batch_size - len(self._batch)
+        while self._waiting:
+            job = self._waiting[0]
+            # A job larger than the whole batch runs alone rather than never.
+            fits = len(job.requests) <= room or not (self._batch or admitted)
+            if job.generates and not fits:
+                break
+            self._waiting.popleft()
+            try:
+                if job.echo:
+                    top = job.requests[0].logprobs
+                    job.prompt_logprobs = [
+                        self.engine.prompt_logprobs(r.prompt, top=top or 0) for r in job.requests
+                    ]
+            except Exception as exc:
+                logger.exception("scoring a prompt failed")
                 job.send(exc)
+                continue
+            if not job.generates:  # max_tokens 0: the prompt's scores were all it asked for
+                for choice, request in enumerate(job.requests):
+                    job.send((choice, Chunk("", finish_reason="length", prompt_tokens=len(request.prompt))))
+                continue
+            admitted.append(job)
+            room -= len(job.requests)
+        if not admitted:
+            return
+        try:
+            rows = self._batch.add([request for job in admitted for request in job.requests])
+        except Exception as exc:  # the server lives on; these requests get a 500
+            logger.exception("prefill failed for %d requests", len(admitted))
+            for job in admitted:
+                job.send(exc)
+            return
+        owners = [(job, choice) for job in admitted for choice in range(len(job.requests))]
+        for (job, choice), row in zip(owners, rows, strict=True):
+            self._owners[id(row)] = (job, choice, row)
+        logger.debug("batch of %d rows after %d requests joined", len(self._batch), len(admitted))
+
+    def _step(self) -> None:
+        if not self._batch:
+            return
+        try:
+            chunks = self._batch.step()
+        except Exception as exc:  # the server lives on; the requests in this batch get a 500
+            logger.exception("generation failed for a batch of %d rows", len(self._batch))
+            for job in {owner[0] for owner in self._owners.values()}:
+                job.send(exc)
+            self._batch.remove([owner[2] for owner in self._owners.values()])
+            self._owners.clear()
+            return
+        for row, chunk in chunks:
+            job, choice, _ = self._owners[id(row)]
+            if chunk.finish_reason is not None:
+                del self._owners[id(row)]
+            if not job.cancelled:
+                job.send((choice, chunk))
 
 
-# --- the app ------------------------------------------------------------------------------------------
+# --- answers ------------------------------------------------------------------------------------------
 
 
 @dataclass
 class _Served:
     id: str
     loaded: LoadedModel
-    scheduler: BatchScheduler
+    scheduler: Scheduler
     created: int
 
     @property
@@ -390,8 +483,10 @@ class _Served:
         self, prompts: list[list[int]], request: _Request, *, max_tokens: int | None, stop: tuple[str, ...]
     ) -> Job:
         """Check the lengths against the window, fill in the checkpoint's sampling defaults, make the job."""
+        top = request.top_logprobs_wanted()
         longest = max(len(p) for p in prompts)
-        if longest >= self.window:
+        echo = bool(getattr(request, "echo", False))
+        if longest >= self.window and not (echo and max_tokens == 0 and longest == self.window):
             raise APIError(
                 400,
                 f"This model's context window is {self.window} tokens, and the prompt uses {longest}, "
@@ -410,7 +505,7 @@ class _Served:
             )
         defaults = self.loaded.config.sampling
         options: dict[str, Any] = {
-            "max_new_tokens": max_tokens or min(defaults.max_new_tokens, room),
+            "max_new_tokens": min(defaults.max_new_tokens, room) if max_tokens is None else max_tokens,
             "temperature": request.temperature,
             "top_p": request.top_p,
             "top_k": request.top_k,
@@ -418,15 +513,25 @@ class _Served:
             "repetition_penalty": request.repetition_penalty,
         }
         sampling = replace(defaults, **{k: v for k, v in options.items() if v is not None})
-        rows = [p for p in prompts for _ in range(request.n or 1)]
-        if len(rows) > MAX_ROWS_PER_REQUEST:
+        n = request.n or 1
+        if len(prompts) * n > MAX_ROWS_PER_REQUEST:
             raise APIError(
                 400,
-                f"{len(prompts)} prompts x n={request.n} is {len(rows)} answers; at most "
+                f"{len(prompts)} prompts x n={n} is {len(prompts) * n} answers; at most "
                 f"{MAX_ROWS_PER_REQUEST} per request",
                 param="n",
             )
-        return Job(rows, sampling, stop, request.seed, asyncio.get_running_loop())
+        requests = [
+            GenerationRequest(prompt, sampling, stop, _choice_seed(request.seed, choice), top)
+            for prompt in prompts
+            for choice in range(n)
+        ]
+        return Job(requests, asyncio.get_running_loop(), echo=echo)
+
+
+def _choice_seed(seed: int | None, choice: int) -> int | None:
+    """Choice i of a seeded request draws from seed + i, so n choices differ and choice 0 is the seed's."""
+    return None if seed is None else (seed + choice) % (1 << 64) if choice else seed
 
 
 def _stops(request: _Request) -> tuple[str, ...]:
@@ -443,6 +548,65 @@ def _usage(prompts: Sequence[Sequence[int]], finals: Sequence[Chunk]) -> dict[st
     }
 
 
+def _token_bytes(text: str) -> list[int]:
+    return list(text.encode("utf-8"))
+
+
+class _Logprobs:
+    """One choice's log-probabilities in its endpoint's shape, built up chunk by chunk.
+
+    Completions report parallel lists (tokens, token_logprobs, top_logprobs as {token: logprob} including
+    the chosen token, text_offset into the choice's text); chat reports a `content` list of entries.
+    """
+
+    def __init__(self, chat: bool):
+        self.chat = chat
+        self.offset = 0
+
+    def shape(self, entries: Sequence[TokenLogprob | None]) -> dict[str, Any]:
+        if self.chat:
+            return {"content": [self._chat_entry(e) for e in entries if e is not None], "refusal": None}
+        shaped: dict[str, list[Any]] = {
+            "tokens": [],
+            "token_logprobs": [],
+            "top_logprobs": [],
+            "text_offset": [],
+        }
+        for entry in entries:
+            if entry is None:  # a prompt's first token has nothing before it to be predicted from
+                continue
+            shaped["tokens"].append(entry.text)
+            shaped["token_logprobs"].append(entry.logprob)
+            top = {text: value for _, text, value in entry.top}
+            shaped["top_logprobs"].append({entry.text: entry.logprob, **top})
+            shaped["text_offset"].append(self.offset)
+            self.offset += len(entry.text)
+        return shaped
+
+    def echo(self, first: str, entries: Sequence[TokenLogprob | None]) -> dict[str, Any]:
+        """A completion prompt's entries: its first token (text `first`) has nothing before it to be
+        predicted from, so it is listed with a null log-probability, as OpenAI does."""
+        shaped: dict[str, list[Any]] = {
+            "tokens": [first],
+            "token_logprobs": [None],
+            "top_logprobs": [None],
+            "text_offset": [0],
+        }
+        self.offset += len(first)
+        return _merge(shaped, self.shape(entries[1:]))
+
+    @staticmethod
+    def _chat_entry(entry: TokenLogprob) -> dict[str, Any]:
+        return {
+            "token": entry.text,
+            "logprob": entry.logprob,
+            "bytes": _token_bytes(entry.text),
+            "top_logprobs": [
+                {"token": text, "logprob": value, "bytes": _token_bytes(text)} for _, text, value in entry.top
+            ],
+        }
+
+
 @dataclass(frozen=True)
 class _Shape:
     """What differs between the two endpoints' answers: their names, and where a choice's text goes."""
@@ -452,17 +616,21 @@ class _Shape:
     id_prefix: str
     chat: bool
 
-    def choice(self, row: int, text: str, finish_reason: str | None) -> dict[str, Any]:
+    def choice(
+        self, row: int, text: str, finish_reason: str | None, logprobs: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         """One choice of a whole answer."""
         where = {"message": {"role": "assistant", "content": text}} if self.chat else {"text": text}
-        return {"index": row, **where, "logprobs": None, "finish_reason": finish_reason}
+        return {"index": row, **where, "logprobs": logprobs, "finish_reason": finish_reason}
 
-    def delta(self, row: int, text: str, finish_reason: str | None = None) -> dict[str, Any]:
+    def delta(
+        self, row: int, text: str, finish_reason: str | None = None, logprobs: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         """One choice of a streamed chunk."""
         if not self.chat:
-            return self.choice(row, text, finish_reason)
+            return self.choice(row, text, finish_reason, logprobs)
         delta = {"content": text} if text else {}
-        return {"index": row, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        return {"index": row, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
 
     def opening(self, rows: int) -> list[dict[str, Any]]:
         """A chat stream first announces the assistant's role, as OpenAI's does."""
@@ -474,28 +642,76 @@ CHAT = _Shape("chat.completion", "chat.completion.chunk", "chatcmpl-", chat=True
 COMPLETION = _Shape("text_completion", "text_completion", "cmpl-", chat=False)
 
 
-async def _answer(served: _Served, job: Job, prompts: list[list[int]], request: _Request, shape: _Shape):
-    """Submit the job; answer with one JSON object, or with server-sent events when `stream` is set."""
+def _merge(into: dict[str, Any] | None, more: dict[str, Any]) -> dict[str, Any]:
+    """Append one chunk's shaped log-probabilities to a choice's."""
+    if into is None:
+        return {key: list(value) if isinstance(value, list) else value for key, value in more.items()}
+    for key, value in more.items():
+        if isinstance(value, list):
+            into[key].extend(value)
+    return into
+
+
+async def _answer(
+    served: _Served,
+    job: Job,
+    prompts: list[list[int]],
+    request: _Request,
+    shape: _Shape,
+    *,
+    prompt_texts: Sequence[str] = (),
+):
+    """Submit the job; answer with one JSON object, or with server-sent events when `stream` is set.
+
+    With echo (completions), each choice's text starts with its prompt's text (`prompt_texts`).
+    """
     head = {
         "id": f"{shape.id_prefix}{uuid.uuid4().hex[:24]}",
         "created": int(time.time()),
         "model": served.id,
     }
+    choices = len(job.requests)
+    wants_logprobs = job.requests[0].logprobs is not None
+    shapers = [_Logprobs(shape.chat) for _ in range(choices)]
+    echoed: set[int] = set()
+
+    def echo(choice: int) -> tuple[str, dict[str, Any] | None]:
+        """The prompt's text and log-probabilities before a choice's first chunk (with echo), once."""
+        if not job.echo or choice in echoed:
+            return "", None
+        echoed.add(choice)
+        text = prompt_texts[choice // (request.n or 1)]
+        if not wants_logprobs:
+            return text, None
+        first = served.loaded.tokenizer.decode(job.requests[choice].prompt[:1])
+        return text, shapers[choice].echo(first, job.prompt_logprobs[choice])
+
+    def piece(choice: int, chunk: Chunk) -> tuple[str, dict[str, Any] | None]:
+        """A chunk's text and shaped log-probabilities, after the echoed prompt when it is the first."""
+        text, logprobs = echo(choice)
+        if wants_logprobs:
+            logprobs = _merge(logprobs, shapers[choice].shape(chunk.logprobs))
+        return text + chunk.text, logprobs
+
     served.scheduler.submit(job)
     if not request.stream:
-        texts: list[list[str]] = [[] for _ in job.rows]
+        texts: list[list[str]] = [[] for _ in range(choices)]
+        logprobs: list[dict[str, Any] | None] = [None] * choices
         finals: dict[int, Chunk] = {}
-        async for row, chunk in job.chunks():
-            texts[row].append(chunk.text)
+        async for choice, chunk in job.chunks():
+            text, more = piece(choice, chunk)
+            texts[choice].append(text)
+            if more is not None:
+                logprobs[choice] = _merge(logprobs[choice], more)
             if chunk.finish_reason:
-                finals[row] = chunk
-        choices = [
-            shape.choice(row, "".join(text), finals[row].finish_reason) for row, text in enumerate(texts)
-        ]
+                finals[choice] = chunk
         return {
             **head,
             "object": shape.object,
-            "choices": choices,
+            "choices": [
+                shape.choice(choice, "".join(text), finals[choice].finish_reason, logprobs[choice])
+                for choice, text in enumerate(texts)
+            ],
             "usage": _usage(prompts, list(finals.values())),
         }
 
@@ -510,14 +726,15 @@ async def _answer(served: _Served, job: Job, prompts: list[list[int]], request: 
     async def events() -> AsyncIterator[str]:
         finals: list[Chunk] = []
         try:
-            if opening := shape.opening(len(job.rows)):
+            if opening := shape.opening(choices):
                 yield event(opening)
-            async for row, chunk in job.chunks():
-                if chunk.text:
-                    yield event([shape.delta(row, chunk.text)])
+            async for choice, chunk in job.chunks():
+                text, logprobs = piece(choice, chunk)
+                if text or logprobs:
+                    yield event([shape.delta(choice, text, logprobs=logprobs)])
                 if chunk.finish_reason:
                     finals.append(chunk)
-                    yield event([shape.delta(row, "", chunk.finish_reason)])
+                    yield event([shape.delta(choice, "", chunk.finish_reason)])
         except APIError as exc:
             yield f"data: {json.dumps(exc.body())}\n\n"
             return
@@ -532,10 +749,15 @@ async def _answer(served: _Served, job: Job, prompts: list[list[int]], request: 
     )
 
 
+# --- the app ------------------------------------------------------------------------------------------
+
+
 def create_app(*models: LoadedModel, api_key: str | None = None, max_batch_size: int = 16) -> FastAPI:
-    """The API for one or more loaded models; `api_key` (if given) is required as a bearer token on /v1.
+    """The API for one or more loaded models; `api_key` (if given) is required as a bearer token on /v1
+    and on /tokenize and /detokenize. `max_batch_size` bounds each model's live batch (rows).
 
     Each model's worker thread runs during the app's lifespan, which uvicorn (or `with TestClient(app)`) runs.
+    FastAPI's /docs pages are off: they load their scripts from the internet.
     """
     if not models:
         raise ValueError("create_app needs at least one model")
@@ -549,7 +771,7 @@ def create_app(*models: LoadedModel, api_key: str | None = None, max_batch_size:
                 f"two checkpoints have the model id {name!r}: {served[name].loaded.path}, {loaded.path}"
             )
         created = int(Path(loaded.path).stat().st_mtime) if Path(loaded.path).exists() else int(time.time())
-        served[name] = _Served(name, loaded, BatchScheduler(loaded, max_batch_size=max_batch_size), created)
+        served[name] = _Served(name, loaded, Scheduler(loaded, max_batch_size=max_batch_size), created)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -572,7 +794,11 @@ def create_app(*models: LoadedModel, api_key: str | None = None, max_batch_size:
         if not hmac.compare_digest(given.strip().encode(), api_key.encode()):
             raise APIError(401, "Incorrect API key", code="invalid_api_key")
 
-    def find(name: str) -> _Served:
+    def find(name: str | None) -> _Served:
+        if name is None:
+            if len(served) == 1:
+                return next(iter(served.values()))
+            raise APIError(400, f"model: name one of {', '.join(map(repr, served))}", param="model")
         if name not in served:
             raise APIError(
                 404,
@@ -583,14 +809,29 @@ def create_app(*models: LoadedModel, api_key: str | None = None, max_batch_size:
         return served[name]
 
     def describe(model: _Served) -> dict[str, Any]:
-        return {"id": model.id, "object": "model", "created": model.created, "owned_by": "tinylm"}
+        return {
+            "id": model.id,
+            "object": "model",
+            "created": model.created,
+            "owned_by": "tinylm",
+            # The context window, under the names vLLM and OpenRouter use, so clients can fit prompts.
+            "max_model_len": model.window,
+            "context_length": model.window,
+        }
 
-    app = FastAPI(title="tinylm", lifespan=lifespan)
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_key)])
+    app = FastAPI(title="tinylm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    keyed = [Depends(check_key)]
+    v1 = APIRouter(prefix="/v1", dependencies=keyed)
+    tools = APIRouter(dependencies=keyed)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "models": list(served)}
+        """Liveness, and each model's live batch: rows running and requests waiting for room."""
+        batches = {
+            name: {"running": m.scheduler.running, "waiting": m.scheduler.waiting}
+            for name, m in served.items()
+        }
+        return {"status": "ok", "models": list(served), "batches": batches}
 
     @v1.get("/models")
     async def list_models() -> dict[str, Any]:
@@ -614,12 +855,62 @@ def create_app(*models: LoadedModel, api_key: str | None = None, max_batch_size:
         body = await _parse(request, CompletionRequest)
         model = find(body.model)
         tokenizer = model.loaded.tokenizer
-        texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        prompts = await asyncio.to_thread(lambda: [tokenizer.encode(t) or [tokenizer.eos_id] for t in texts])
+        given = (
+            [body.prompt] if isinstance(body.prompt, str) or isinstance(body.prompt[0], int) else body.prompt
+        )
+        if all(isinstance(p, str) for p in given):
+            texts = [str(p) for p in given]
+            prompts = await asyncio.to_thread(
+                lambda: [tokenizer.encode(t) or [tokenizer.eos_id] for t in texts]
+            )
+        else:
+            prompts = [list(p) for p in given if not isinstance(p, str)]
+            _check_ids(prompts, model.loaded.config.model.vocab_size)
+            texts = [tokenizer.decode(p) for p in prompts]
         job = model.job(prompts, body, max_tokens=body.max_tokens, stop=_stops(body))
-        return await _answer(model, job, prompts, body, COMPLETION)
+        return await _answer(model, job, prompts, body, COMPLETION, prompt_texts=texts)
+
+    @tools.post("/tokenize")
+    async def tokenize(request: Request) -> dict[str, Any]:
+        """Text to token ids with this model's tokenizer (llama.cpp's /tokenize; `with_pieces` adds each
+        token's text)."""
+        body = await _parse(request, TokenizeRequest)
+        text = body.content if body.content is not None else body.prompt
+        if text is None:
+            raise APIError(400, "content: Field required (the text to tokenize)", param="content")
+        tokenizer = find(body.model).loaded.tokenizer
+        ids = tokenizer.encode(text)
+        if body.add_special:  # tinylm's only special token starts every training record
+            ids = [tokenizer.eos_id, *ids]
+        if body.with_pieces:
+            return {"tokens": [{"id": i, "piece": tokenizer.decode([i])} for i in ids]}
+        return {"tokens": ids}
+
+    @tools.post("/detokenize")
+    async def detokenize(request: Request) -> dict[str, Any]:
+        """Token ids to text (llama.cpp's /detokenize; `prompt` repeats it under vLLM's name)."""
+        body = await _parse(request, DetokenizeRequest)
+        model = find(body.model)
+        _check_ids([body.tokens], model.loaded.config.model.vocab_size, param="tokens")
+        text = model.loaded.tokenizer.decode(body.tokens)
+        return {"content": text, "prompt": text}
+
+    @tools.get("/tokenizer_info")
+    async def tokenizer_info(model: str | None = None) -> dict[str, Any]:
+        """vLLM's description of the tokenizer, which lm-evaluation-harness's remote tokenizer reads."""
+        served_model = find(model)
+        tokenizer = served_model.loaded.tokenizer
+        return {
+            "tokenizer_class": type(tokenizer).__name__,
+            "eos_token": tokenizer.decode([tokenizer.eos_id]),
+            "bos_token": None,
+            "pad_token": None,
+            "model_max_length": served_model.window,
+            "chat_template": None,
+        }
 
     app.include_router(v1)
+    app.include_router(tools)
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -638,11 +929,35 @@ def create_app(*models: LoadedModel, api_key: str | None = None, max_batch_size:
     return app
 
 
+def _check_ids(prompts: Sequence[Sequence[int]], vocab_size: int, *, param: str = "prompt") -> None:
+    for prompt in prompts:
+        for token in prompt:
+            if token >= vocab_size:
+                raise APIError(
+                    400,
+                    f"{param}: token id {token} is outside this model's vocabulary (0 to {vocab_size - 1})",
+                    param=param,
+                )
+
+
 def listen(host: str, port: int) -> socket.socket:
     """A listening socket, or a one-line ServeError (port taken, unknown host) before any model work."""
     try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-        return socket.create_server((host, port), family=family)
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        # Made with its protocol named (as asyncio's own listeners are), so that asyncio turns Nagle's
+        # algorithm off on each connection: otherwise every response waits tens of milliseconds for the
+        # client's delayed acknowledgement of its headers before its body goes out.
+        sock = socket.socket(family, kind, proto)
+        try:
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+            sock.listen()
+        except OSError:
+            sock.close()
+            raise
+        return sock
     except OSError as exc:
         raise ServeError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 

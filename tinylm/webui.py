@@ -13,6 +13,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from tinylm.checkpoint import CheckpointError, LoadedModel, ModelStore
-from tinylm.config import PRESETS, ModelConfig, SamplingConfig
+from tinylm.config import PRESETS, ConfigError, ModelConfig, SamplingConfig
 from tinylm.conversation import Conversation, answer_status, fit_notice
 from tinylm.generate import Engine
 from tinylm.prompts import TEMPLATE, Turn
@@ -38,6 +39,8 @@ CONCURRENT_ANSWERS = 4
 # Seconds between redraws of a streaming answer. A small model makes hundreds of tokens a second; sending
 # each one would keep the server too busy to heed Stop or serve other tabs promptly.
 REDRAW_EVERY = 0.05
+# What the page says when answering fails unexpectedly; the exception itself goes to the log.
+FAILED = "Something went wrong while answering. The server's log has the details; please try again."
 
 # Prompts like the ones each kind of model learned from: (instruction, context passage).
 SYNTHETIC_EXAMPLES = [
@@ -182,21 +185,38 @@ def build_app(models: ModelStore[Engine], *, redraw_every: float = REDRAW_EVERY)
         max_new_tokens: float,
         conversation: Conversation,
     ) -> Iterator[tuple]:
-        if not question.strip():
+        if not isinstance(question, str) or not question.strip():
             yield gr.skip()
             return
-        sampling = SamplingConfig(
-            max_new_tokens=int(max_new_tokens),
-            temperature=float(temperature),
-            top_k=int(top_k),
-            top_p=float(top_p),
-            min_p=float(min_p),
-            repetition_penalty=float(repetition_penalty),
-        )
         try:
+            sampling = SamplingConfig(
+                max_new_tokens=int(max_new_tokens),
+                temperature=float(temperature),
+                top_k=int(top_k),
+                top_p=float(top_p),
+                min_p=float(min_p),
+                repetition_penalty=float(repetition_penalty),
+            )
             loaded, engine = models.get(checkpoint)
-        except CheckpointError as exc:
+            replace(loaded.config, sampling=sampling).validate()
+        except (TypeError, ValueError, OverflowError):
+            raise gr.Error("The sampling settings must be numbers within the sliders' ranges.") from None
+        except (CheckpointError, ConfigError) as exc:  # our own one-line messages, written for users
             raise gr.Error(str(exc)) from None
+        try:
+            yield from answer(question, context or "", loaded, engine, sampling, conversation)
+        except Exception:
+            log.exception("answering on the web page failed")
+            raise gr.Error(FAILED) from None
+
+    def answer(
+        question: str,
+        context: str,
+        loaded: LoadedModel,
+        engine: Engine,
+        sampling: SamplingConfig,
+        conversation: Conversation,
+    ) -> Iterator[tuple]:
         window = loaded.config.model.max_seq_length
         fitted = conversation.prompt(
             loaded.tokenizer, question, context, window=window, max_new_tokens=sampling.max_new_tokens
@@ -324,7 +344,8 @@ def launch(
         server_port=port,
         share=share,
         prevent_thread_lock=not block,
-        show_error=True,
+        # Only gr.Error's plain messages reach the page; other exceptions' text stays in the log.
+        show_error=False,
         ssr_mode=False,
         mcp_server=False,
     )
