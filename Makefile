@@ -13,9 +13,6 @@ OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False
 $(STAMP): pyproject.toml requirements.lock
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.lock
-	# The GGUF writer and llama.cpp for its tests, until requirements.lock lists them (llama-cpp-python builds
-	# llama.cpp from source once: minutes; pip caches the wheel).
-	$(PY) -m pip install --quiet --disable-pip-version-check gguf==0.19.0 llama-cpp-python==0.3.36
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
