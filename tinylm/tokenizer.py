@@ -267,20 +267,20 @@ def _train_bpe(texts: Iterable[str] | None, vocab_size: int) -> BPETokenizer:
     if isinstance(texts, str):  # one string is an Iterable[str] of characters; the caller means one text
         texts = [texts]
     tok = tokenizers.Tokenizer(models.BPE())
-    # GPT-2's split into words, then words longer than BPE_MAX_WORD bytes cut into pieces of that length:
-    # training merges within each word, which takes time quadratic in its length, so one long run without
-    # a space (a minified file, a DNA string) would take hours. Ordinary words are far shorter.
+    gpt2_words = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Training sees GPT-2's words cut into pieces of at most BPE_MAX_WORD bytes: it merges within each
+    # word in time quadratic in the word's length, so one long run without a space (a minified file, a DNA
+    # string) would take hours. Ordinary words are far shorter. Encoding splits as GPT-2 does (what
+    # transformers and llama.cpp do with an exported tokenizer): its merges are fast on any word.
     tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.ByteLevel(add_prefix_space=False),
-            pre_tokenizers.Split(tokenizers.Regex(f".{{1,{BPE_MAX_WORD}}}"), behavior="isolated"),
-        ]
+        [gpt2_words, pre_tokenizers.Split(tokenizers.Regex(f".{{1,{BPE_MAX_WORD}}}"), behavior="isolated")]
     )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=[EOS], initial_alphabet=alphabet, show_progress=True
     )
     tok.train_from_iterator(texts, trainer=trainer)
+    tok.pre_tokenizer = gpt2_words
     return BPETokenizer(tok)
 
 
