@@ -57,6 +57,11 @@ class Tokenizer(ABC):
     def to_dict(self) -> dict:
         """Everything needed to rebuild this tokenizer, as JSON-compatible data."""
 
+    @abstractmethod
+    def byte_lengths(self) -> list[int]:
+        """How many bytes of UTF-8 text each id stands for (0 for end-of-text, which stands for none): what
+        bits per byte divides by, so that models with different tokenizers compare."""
+
 
 class GPT2Tokenizer(Tokenizer):
     """The exact GPT-2 BPE through tiktoken, so GPT-2's token ids (and pretrained weights) line up."""
@@ -87,6 +92,10 @@ class GPT2Tokenizer(Tokenizer):
         ranks = "".join(f"{base64.b64encode(token).decode('ascii')} {rank}\n" for token, rank in by_rank)
         return {"kind": self.kind, "ranks": ranks}
 
+    def byte_lengths(self) -> list[int]:
+        lengths = [len(token) for token, _ in sorted(self._ranks.items(), key=lambda item: item[1])]
+        return [*lengths, 0]  # <|endoftext|> comes after the mergeable ranks
+
 
 class BPETokenizer(Tokenizer):
     """A byte-level BPE trained on the user's own corpus, for a vocabulary smaller than GPT-2's."""
@@ -115,6 +124,14 @@ class BPETokenizer(Tokenizer):
     def to_dict(self) -> dict:
         return {"kind": self.kind, "json": self._tok.to_str()}
 
+    def byte_lengths(self) -> list[int]:
+        # A byte-level vocabulary spells each byte as one character.
+        lengths = [0] * self.vocab_size
+        for token, index in self._tok.get_vocab(with_added_tokens=False).items():
+            lengths[index] = len(token)
+        lengths[self.eos_id] = 0
+        return lengths
+
 
 class ByteTokenizer(Tokenizer):
     """Raw UTF-8 bytes plus <|endoftext|>: the character-level recipe (nanoGPT's tiny Shakespeare)."""
@@ -138,6 +155,9 @@ class ByteTokenizer(Tokenizer):
 
     def to_dict(self) -> dict:
         return {"kind": self.kind}
+
+    def byte_lengths(self) -> list[int]:
+        return [1] * 256 + [0]
 
 
 def build_tokenizer(
