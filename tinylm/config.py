@@ -209,13 +209,13 @@ DEMO = Config(
         n_heads=4,
         n_layers=3,
         d_ff=512,
-        max_seq_length=64,
+        max_seq_length=96,
         dropout=0.0,
         tie_weights=True,
         gradient_checkpointing=False,
     ),
     data=DataConfig(
-        source="synthetic", dataset_size=20000, val_fraction=0.05, tokenizer="bpe", bpe_vocab_size=512
+        source="synthetic", dataset_size=20000, val_fraction=0.05, tokenizer="bpe", bpe_vocab_size=1024
     ),
     train=TrainConfig(
         epochs=4,

@@ -29,7 +29,9 @@ _Problem = tuple[str, str, str]
 
 
 def _add(rng: random.Random) -> _Problem:
-    a, b = rng.randint(0, 20), rng.randint(0, 20)
+    # Small enough that a 3-layer model learns every sum (and every difference after it) within the demo's
+    # budget: a bigger vocabulary spells each number as one token, so each pair is a fact to learn.
+    a, b = rng.randint(0, 10), rng.randint(0, 10)
     template = rng.choice(
         ("What is {a} plus {b}?", "Add {a} and {b}.", "Compute {a} + {b}.", "What is the sum of {a} and {b}?")
     )
