@@ -13,7 +13,7 @@ LAYERS = [
     {"config", "prompts", "tokenizer", "tracking", "kernels", "data.cache", "data.synthetic"},
     {"runtime", "plot", "model", "data.sources"},
     {"distributed", "loss", "generate", "interchange", "state", "data.instructions"},
-    {"checkpoint", "conversation", "data.tokens"},
+    {"checkpoint", "conversation", "data.tokens", "data.mixture"},
     {"chat", "server", "webui", "run_folder", "data.packing", "data.text"},
     {"data.prepare"},
     {"evaluate"},

@@ -302,3 +302,25 @@ def test_generate_command_says_it_cut_a_long_prompt(scripted_run, capsys):
 
     assert main([*argv[:-2], "--max-tokens", "100", "--json"]) == 0  # a prompt that fits: no note
     assert capsys.readouterr().err == ""
+
+
+def test_eval_on_synthetic_data_reports_bits_per_byte_and_exact_match_per_task_and_turn(
+    tmp_path, capsys, tiny_set_args
+):
+    out = tmp_path / "run"
+    more = ["--set", "dataset_size=200", "--set", "val_fraction=0.1", "--set", "max_steps=2"]
+    assert main(["train", "--quiet", "--data", "synthetic", *tiny_set_args, *more, "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(out), "--device", "cpu", "--show", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert "held-out records of synthetic: loss " in printed and ", bits per byte " in printed
+    assert "exact match per task and turn:" in printed
+    for task, turn in (
+        ("add", 1),
+        ("add_then_subtract", 1),
+        ("add_then_subtract", 2),
+        ("sort_then_reverse", 2),
+    ):
+        assert f"  {task:<20} turn {turn}  " in printed
+    assert "\nturn 1: " in printed and "\nturn 2: " in printed
+    assert "exact-match accuracy: " in printed

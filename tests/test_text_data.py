@@ -182,15 +182,18 @@ def test_init_from_weights_are_the_starting_point(pretrained, tmp_path, make_con
 
 
 def test_eval_command_measures_a_text_model_on_its_held_out_text(pretrained, capsys):
-    from tinylm.evaluate import validation_loss
+    from tinylm.evaluate import held_out
 
     run_dir, _ = pretrained
     loaded = ckpt.load_model(run_dir / ckpt.BEST)
     val = prepare_data(loaded.config, tokenizer=loaded.tokenizer).val
-    expected = validation_loss(loaded.model, val, batch_size=16, pad_id=loaded.tokenizer.eos_id)
+    tokenizer = loaded.tokenizer
+    expected = held_out(
+        loaded.model, val, batch_size=16, pad_id=tokenizer.eos_id, byte_lengths=tokenizer.byte_lengths()
+    )
     assert main(["eval", "--checkpoint", str(run_dir / ckpt.BEST), "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert (
-        f"validation on {len(val)} held-out windows of {loaded.config.data.source}: loss {expected:.4f}"
-        in out
-    )
+        f"validation on {len(val)} held-out windows of {loaded.config.data.source}: loss {expected.loss:.4f}, "
+        f"perplexity {expected.perplexity:.2f}, bits per byte {expected.bits_per_byte:.4f}"
+    ) in out

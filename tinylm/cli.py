@@ -106,13 +106,17 @@ def _build_parser() -> argparse.ArgumentParser:
     )
 
     evaluate = sub.add_parser(
-        "eval", help="validation loss, perplexity and (for synthetic data) exact-match answers"
+        "eval",
+        help="validation loss, perplexity, bits per byte and (for synthetic data) exact-match answers",
     )
     evaluate.add_argument("--checkpoint", required=True, metavar="PATH", help=CHECKPOINT_HELP)
     evaluate.add_argument("--data", metavar="SOURCE", help="default: the data the checkpoint was trained on")
     evaluate.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     evaluate.add_argument(
-        "--limit", type=int, default=200, help="most held-out prompts to answer (default 200)"
+        "--limit",
+        type=int,
+        default=200,
+        help="most held-out records to answer, each turn of a conversation (default 200)",
     )
     evaluate.add_argument("--show", type=int, default=10, help="how many answers to print (default 10)")
 
@@ -371,24 +375,31 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from tinylm.checkpoint import load_model
     from tinylm.data.prepare import prepare_data
-    from tinylm.evaluate import perplexity, validation_loss
+    from tinylm.evaluate import held_out
     from tinylm.runtime import pick_device
 
     loaded = load_model(args.checkpoint, device=pick_device(args.device))
     c = loaded.config
     source = args.data or c.data.source
     data = prepare_data(replace(c, data=replace(c.data, source=source)), tokenizer=loaded.tokenizer)
-    loss = validation_loss(loaded.model, data.val, batch_size=16, pad_id=loaded.tokenizer.eos_id)
+    tokenizer = loaded.tokenizer
+    measured = held_out(
+        loaded.model, data.val, batch_size=16, pad_id=tokenizer.eos_id, byte_lengths=tokenizer.byte_lengths()
+    )
     print(f"checkpoint {loaded.path} (step {loaded.info.get('step', 0)})")
-    held_out = f"{len(data.val):,} held-out {'windows' if data.is_text else 'records'} of {source}"
-    print(f"validation on {held_out}: loss {loss:.4f}, perplexity {perplexity(loss):.2f}")
+    examples = f"{len(data.val):,} held-out {'windows' if data.is_text else 'records'} of {source}"
+    print(
+        f"validation on {examples}: loss {measured.loss:.4f}, perplexity {measured.perplexity:.2f}, "
+        f"bits per byte {measured.bits_per_byte:.4f}"
+    )
     if source == "synthetic":
         _synthetic_answers(args, loaded)
     return 0
 
 
 def _synthetic_answers(args: argparse.Namespace, loaded) -> None:
-    """Greedy answers to held-out synthetic tasks, each checked exactly."""
+    """Greedy answers to held-out synthetic tasks, every turn of a conversation after its earlier turns,
+    each checked exactly; accuracy per task and turn, per turn, and over all."""
     from tinylm.data.instructions import split_records, validation_size
     from tinylm.data.sources import load_records
     from tinylm.data.synthetic import check_answer
@@ -403,15 +414,30 @@ def _synthetic_answers(args: argparse.Namespace, loaded) -> None:
     ).val
     answers = answer_records(
         Engine(loaded.model, loaded.tokenizer),
-        val[: args.limit],
+        [question for record in val[: args.limit] for question in record.questions()],
         is_correct=lambda r, a: check_answer({"response": r.response}, a),
     )
     for a in answers[: args.show]:
         mark = "ok " if a.correct else "BAD"
         context = f" [{a.record.context}]" if a.record.context else ""
-        print(f"  {mark} {a.record.instruction}{context} -> {a.answer!r} (expected {a.record.response!r})")
-    right = sum(a.correct for a in answers)
-    print(f"exact-match accuracy: {right}/{len(answers)} = {right / len(answers):.1%} (greedy decoding)")
+        earlier = "".join(f"{t.instruction} -> {t.response!r}; " for t in a.record.history)
+        print(
+            f"  {mark} {earlier}{a.record.instruction}{context} -> {a.answer!r} (expected {a.record.response!r})"
+        )
+
+    def score(chosen: list) -> str:
+        right = sum(a.correct for a in chosen)
+        return f"{right}/{len(chosen)} = {right / len(chosen):.1%}"
+
+    groups: dict[tuple[str, int], list] = {}
+    for a in answers:
+        groups.setdefault((a.record.category, len(a.record.history) + 1), []).append(a)
+    print("exact match per task and turn:")
+    for (task, turn), chosen in sorted(groups.items()):
+        print(f"  {task:<20} turn {turn}  {score(chosen)}")
+    for turn in sorted({turn for _, turn in groups}):
+        print(f"turn {turn}: {score([a for a in answers if len(a.record.history) + 1 == turn])}")
+    print(f"exact-match accuracy: {score(answers)} (greedy decoding, every turn)")
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import tomllib
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -60,6 +61,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
+    # One source, or a mixture: "a.txt:0.3,b.jsonl:0.7" (a config file may give a list or a table).
     source: str = "databricks/databricks-dolly-15k"
     dataset_size: int = 10000
     val_fraction: float = 0.1
@@ -254,13 +256,13 @@ DEMO = Config(
         n_heads=4,
         n_layers=3,
         d_ff=512,
-        max_seq_length=64,
+        max_seq_length=96,
         dropout=0.0,
         tie_weights=True,
         gradient_checkpointing=False,
     ),
     data=DataConfig(
-        source="synthetic", dataset_size=20000, val_fraction=0.05, tokenizer="bpe", bpe_vocab_size=512
+        source="synthetic", dataset_size=20000, val_fraction=0.05, tokenizer="bpe", bpe_vocab_size=1024
     ),
     train=TrainConfig(
         epochs=4,
@@ -321,6 +323,8 @@ def _field_value(config: Config, dotted: str) -> Any:
 
 def _coerce(section: str, name: str, value: Any, origin: str) -> Any:
     """Turn a file or command-line value into the field's declared type, or fail naming the field."""
+    if (section, name) == ("data", "source") and isinstance(value, list | dict):
+        value = _mixture_text(value, origin)
     hint = get_type_hints(_SECTIONS[section])[name]
     optional = type(None) in getattr(hint, "__args__", ())
     base = next((a for a in getattr(hint, "__args__", (hint,)) if a is not type(None)), hint)
@@ -351,6 +355,24 @@ def _coerce(section: str, name: str, value: Any, origin: str) -> Any:
     if not isinstance(value, base) or (base is int and isinstance(value, bool)):
         raise ConfigError(f"{origin}: field {section}.{name} wants {base.__name__}, got {_shown(value)}")
     return value
+
+
+def _mixture_text(value: list[Any] | dict[Any, Any], origin: str) -> str:
+    """A config file's mixture, a list of sources (`a.txt:0.3`) or a table of sources and weights, as the
+    text `--data` takes."""
+    pairs: Iterable[tuple[Any, Any]] = (
+        value.items() if isinstance(value, dict) else ((v, None) for v in value)
+    )
+    items = []
+    for source, weight in pairs:
+        number = isinstance(weight, int | float) and not isinstance(weight, bool)
+        if not isinstance(source, str) or not (weight is None or number):
+            shown = _shown(source if not isinstance(source, str) else weight)
+            raise ConfigError(
+                f"{origin}: field data.source lists sources as text, weights as numbers, got {shown}"
+            )
+        items.append(source if weight is None else f"{source}:{weight}")
+    return ",".join(items)
 
 
 def apply_overrides(config: Config, overrides: dict[str, Any], *, origin: str = "--set") -> Config:

@@ -18,12 +18,18 @@ Truncation rule for a record longer than the window (max_seq_length + 1 tokens, 
 are the sequence shifted by one): the prompt is cut only as much as needed, but never below half the
 window, by trimming the end of the context passage first and then the end of the instruction (the section
 headers always stay); then the response is cut at the end of the window. The response's start is kept.
+
+A conversation is its turns one after the other, each rendered as above and ending with end-of-text: the
+same tokens whether it is a training record or the earlier turns of a chat prompt. One that does not fit
+the window loses whole turns, oldest first, as a chat prompt does; a last turn too long on its own is cut
+by the rule above. Messages in OpenAI's roles become turns through `conversation_turns`, for training data
+and the HTTP API alike.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 
@@ -60,6 +66,46 @@ class EncodedPrompt:
     cut_tokens: int = 0
 
 
+class ConversationError(ValueError):
+    """Messages that do not make a conversation the template can render; the message says why."""
+
+
+# The roles `conversation_turns` reads; developer is OpenAI's newer name for system.
+CONTEXT_ROLES = ("system", "developer")
+ROLES = (*CONTEXT_ROLES, "user", "assistant")
+
+
+def conversation_turns(messages: Iterable[tuple[str, str]], *, answered: bool) -> list[Turn]:
+    """(role, content) messages as the template's turns.
+
+    Consecutive messages of one role are joined by a blank line. The template has no slot for a system
+    prompt but one for a context passage, so the system (and developer) messages, joined, become the
+    context passage of the last user turn. A conversation starts with a user message and ends with an
+    assistant's when `answered` (a training record: every turn has its response) or with a user's when not
+    (a prompt: the last turn's response is empty, for the model to write).
+    """
+    context: list[str] = []
+    dialogue: list[list[str]] = []  # [role, content]
+    for role, content in messages:
+        if role not in ROLES:
+            raise ConversationError(f"unknown role {role!r} (use {', '.join(ROLES)})")
+        if role in CONTEXT_ROLES:
+            context.append(content)
+        elif dialogue and dialogue[-1][0] == role:
+            dialogue[-1][1] += f"\n\n{content}"
+        else:
+            dialogue.append([role, content])
+    last = "assistant" if answered else "user"
+    if not dialogue or dialogue[-1][0] != last:
+        raise ConversationError(f"the last message (system messages aside) must be the {last}'s")
+    if dialogue[0][0] != "user":
+        raise ConversationError("the conversation must start with a user message")
+    answers = [content for _, content in dialogue[1::2]] + ([] if answered else [""])
+    turns = [Turn(q, a) for (_, q), a in zip(dialogue[0::2], answers, strict=True)]
+    turns[-1] = replace(turns[-1], context="\n\n".join(context))
+    return turns
+
+
 def _trim(pieces: list[list[int]], excess: int, order: Sequence[int]) -> None:
     """Drop `excess` tokens from the ends of pieces, in the given order of pieces, in place."""
     for index in order:
@@ -77,9 +123,9 @@ class PromptTemplate:
     instruction_header: str = "### Instruction:\n"
     context_header: str = "\n\n### Context:\n"
     response_header: str = "\n\n### Response:\n"
-    # Bump when the headers or the truncation rule change what tokens a record becomes: the tokenized-data
-    # cache (and a trained BPE's) is keyed by it.
-    version: int = 1
+    # Bump when the headers, the truncation rule or the rendering of conversations change what tokens a
+    # record becomes: the tokenized-data cache (and a trained BPE's) is keyed by it.
+    version: int = 2
     # The model may run on into a new turn instead of ending with end-of-text; front ends stop there too.
     stop_strings: tuple[str, ...] = ("### Instruction:",)
 
@@ -126,6 +172,50 @@ class PromptTemplate:
         loss_mask += [True] * (len(tokens) - len(prompt))
         return EncodedExample(tokens=tokens, loss_mask=loss_mask[: len(tokens)])
 
+    def encode_turn(self, tokenizer: TextTokenizer, turn: Turn) -> tuple[list[int], list[int]]:
+        """(prompt, answer) ids of one finished turn, the answer ending with end-of-text: how a turn reads
+        in a training conversation and among a chat prompt's earlier turns."""
+        prompt = self.encode_prompt(tokenizer, turn.instruction, turn.context)
+        return prompt, [*tokenizer.encode(turn.response), tokenizer.eos_id]
+
+    def encode_conversation(
+        self,
+        tokenizer: TextTokenizer,
+        turns: Sequence[Turn],
+        *,
+        max_seq_length: int,
+        train_on_prompt: bool = False,
+    ) -> EncodedExample:
+        """Tokens and loss mask of a training conversation: every answer (and its end-of-text) counts, the
+        prompts only with `train_on_prompt`. One turn is `encode_example`'s record. Too long for the window,
+        it drops whole turns, oldest first, as a chat prompt does; a last turn too long alone is cut as
+        `encode_example` cuts a record."""
+        if not turns:
+            raise ValueError("a conversation needs at least one turn")
+        window = max_seq_length + 1
+        pieces = [self.encode_turn(tokenizer, t) for t in turns]
+        sizes = [len(prompt) + len(answer) for prompt, answer in pieces]
+        if sizes[-1] > window:
+            last = turns[-1]
+            return self.encode_example(
+                tokenizer,
+                last.instruction,
+                last.context,
+                last.response,
+                max_seq_length=max_seq_length,
+                train_on_prompt=train_on_prompt,
+            )
+        first = len(turns) - 1
+        while first > 0 and sum(sizes[first - 1 :]) <= window:
+            first -= 1
+        tokens: list[int] = []
+        loss_mask: list[bool] = []
+        for prompt, answer in pieces[first:]:
+            tokens += prompt + answer
+            loss_mask += [train_on_prompt] * len(prompt) + [True] * len(answer)
+        loss_mask[0] = False
+        return EncodedExample(tokens=tokens, loss_mask=loss_mask)
+
     def encode_chat(
         self,
         tokenizer: TextTokenizer,
@@ -147,14 +237,7 @@ class PromptTemplate:
         if max_prompt_tokens is not None and len(question) > max_prompt_tokens:
             cut = self.encode_prompt(tokenizer, instruction, context, budget=max_prompt_tokens)
             return EncodedPrompt(cut, dropped_turns=len(history), cut_tokens=len(question) - len(cut))
-        turns = [
-            [
-                *self.encode_prompt(tokenizer, t.instruction, t.context),
-                *tokenizer.encode(t.response),
-                tokenizer.eos_id,
-            ]
-            for t in history
-        ]
+        turns = [[t for piece in self.encode_turn(tokenizer, turn) for t in piece] for turn in history]
         dropped = 0
         if max_prompt_tokens is not None:
             while turns and sum(map(len, turns)) + len(question) > max_prompt_tokens:

@@ -62,7 +62,7 @@ from tinylm.checkpoint import BEST, LATEST, LoadedModel
 from tinylm.config import MAX_TEMPERATURE, REPETITION_PENALTY_RANGE
 from tinylm.generate import Batch, Chunk, Engine, Row, TokenLogprob
 from tinylm.generate import Request as GenerationRequest
-from tinylm.prompts import TEMPLATE, TextTokenizer, Turn
+from tinylm.prompts import TEMPLATE, ConversationError, TextTokenizer, conversation_turns
 
 logger = logging.getLogger(__name__)
 
@@ -269,24 +269,15 @@ async def _parse(request: Request, schema: type[_R]) -> _R:
 
 def chat_prompt(tokenizer: TextTokenizer, messages: Sequence[ChatMessage]) -> list[int]:
     """Prompt ids for a conversation, on the training template (see the module docstring for the rules)."""
-    context = "\n\n".join(m.content or "" for m in messages if m.role in ("system", "developer"))
-    dialogue: list[tuple[str, str]] = []
-    for m in messages:
-        if m.role not in ("user", "assistant"):
-            continue
-        if dialogue and dialogue[-1][0] == m.role:
-            dialogue[-1] = (m.role, f"{dialogue[-1][1]}\n\n{m.content or ''}")
-        else:
-            dialogue.append((m.role, m.content or ""))
-    if not dialogue or dialogue[-1][0] != "user":
-        raise APIError(
-            400, "messages: the last message (system messages aside) must be the user's", param="messages"
-        )
-    if dialogue[0][0] != "user":
-        raise APIError(400, "messages: the conversation must start with a user message", param="messages")
-    history = [Turn(q, a) for (_, q), (_, a) in zip(dialogue[:-1:2], dialogue[1:-1:2], strict=True)]
+    try:
+        turns = conversation_turns(((m.role, m.content or "") for m in messages), answered=False)
+    except ConversationError as exc:
+        raise APIError(400, f"messages: {exc}", param="messages") from None
+    question = turns[-1]
     # No budget: the caller reports a prompt that does not fit instead of dropping turns silently.
-    return TEMPLATE.encode_chat(tokenizer, history, dialogue[-1][1], context, max_prompt_tokens=None).ids
+    return TEMPLATE.encode_chat(
+        tokenizer, turns[:-1], question.instruction, question.context, max_prompt_tokens=None
+    ).ids
 
 
 def model_id(loaded: LoadedModel) -> str:

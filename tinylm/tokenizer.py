@@ -64,6 +64,11 @@ class Tokenizer(ABC):
         """The same tokenizer as a Hugging Face `tokenizers` object (what a tokenizer.json file holds), for
         export; in it, as in every Hugging Face tokenizer, "<|endoftext|>" in the text is the special token."""
 
+    @abstractmethod
+    def byte_lengths(self) -> list[int]:
+        """How many bytes of UTF-8 text each id stands for (0 for end-of-text, which stands for none): what
+        bits per byte divides by, so that models with different tokenizers compare."""
+
 
 class GPT2Tokenizer(Tokenizer):
     """The exact GPT-2 BPE through tiktoken, so GPT-2's token ids (and pretrained weights) line up."""
@@ -108,6 +113,10 @@ class GPT2Tokenizer(Tokenizer):
             merges += [(text(a), text(b)) for a, b in splits]
         return _byte_level_bpe(vocab, merges, self.eos_id)
 
+    def byte_lengths(self) -> list[int]:
+        lengths = [len(token) for token, _ in sorted(self._ranks.items(), key=lambda item: item[1])]
+        return [*lengths, 0]  # <|endoftext|> comes after the mergeable ranks
+
 
 class BPETokenizer(Tokenizer):
     """A byte-level BPE trained on the user's own corpus, for a vocabulary smaller than GPT-2's."""
@@ -142,6 +151,14 @@ class BPETokenizer(Tokenizer):
     def to_hf(self) -> tokenizers.Tokenizer:
         return tokenizers.Tokenizer.from_str(self._tok.to_str())
 
+    def byte_lengths(self) -> list[int]:
+        # A byte-level vocabulary spells each byte as one character.
+        lengths = [0] * self.vocab_size
+        for token, index in self._tok.get_vocab(with_added_tokens=False).items():
+            lengths[index] = len(token)
+        lengths[self.eos_id] = 0
+        return lengths
+
 
 class ByteTokenizer(Tokenizer):
     """Raw UTF-8 bytes plus <|endoftext|>: the character-level recipe (nanoGPT's tiny Shakespeare)."""
@@ -170,6 +187,9 @@ class ByteTokenizer(Tokenizer):
         # A byte-level BPE without merges: each byte's token id is the byte itself.
         vocab = {_byte_level_text(bytes([b])): b for b in range(256)}
         return _byte_level_bpe(vocab, [], self.eos_id)
+
+    def byte_lengths(self) -> list[int]:
+        return [1] * 256 + [0]
 
 
 def build_tokenizer(

@@ -15,7 +15,7 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -27,6 +27,7 @@ from torch import nn
 from tinylm import checkpoint as ckpt
 from tinylm.config import Config, TrainConfig, format_config
 from tinylm.data.instructions import epoch_order
+from tinylm.data.mixture import DataPart, MixtureOrder
 from tinylm.data.packing import Batch, step_micro_batches
 from tinylm.data.prepare import PreparedData, prepare_data
 from tinylm.data.tokens import TokenArrays
@@ -202,8 +203,10 @@ def steps_per_epoch(examples: int, train: TrainConfig) -> int:
 class StepBatches:
     """The micro-batches of each optimizer step: a pure function of (seed, step, rank, world size).
 
-    Under torchrun the step's batch_size x accumulation examples are split evenly over the processes, and
-    each packs its share into micro-batches of at most `micro_rows` rows.
+    One source is read in shuffled epochs, a step taking the next batch_size x accumulation examples (the
+    last step of an epoch fewer); a mixture (`parts`, more than one) draws each step's examples by the
+    sources' weights (`MixtureOrder`). Under torchrun the step's examples are split evenly over the
+    processes, and each packs its share into micro-batches of at most `micro_rows` rows.
     """
 
     def __init__(
@@ -214,6 +217,7 @@ class StepBatches:
         pad_id: int,
         micro_rows: int,
         world: World | None = None,
+        parts: Sequence[DataPart] = (),
     ):
         self.examples = examples
         self.pad_id = pad_id
@@ -221,15 +225,23 @@ class StepBatches:
         self.micro_rows = micro_rows
         self.world = world or World()
         self.per_epoch = steps_per_epoch(len(examples), config.train)
+        self.per_step = config.train.gradient_accumulation_steps * config.train.batch_size
+        self.mixture = (
+            MixtureOrder(parts, seed=config.train.seed, per_step=self.per_step) if len(parts) > 1 else None
+        )
         self._order: tuple[int, list[int]] = (-1, [])
 
-    def __call__(self, step: int) -> list[Batch]:
-        t = self.config.train
+    def chosen(self, step: int) -> list[int]:
+        """The indices of the step's examples, over all processes."""
+        if self.mixture is not None:
+            return self.mixture(step)
         epoch, within = divmod(step, self.per_epoch)
         if self._order[0] != epoch:
-            self._order = (epoch, epoch_order(len(self.examples), seed=t.seed, epoch=epoch))
-        per_step = t.gradient_accumulation_steps * t.batch_size
-        chosen = self._order[1][within * per_step : (within + 1) * per_step]
+            self._order = (epoch, epoch_order(len(self.examples), seed=self.config.train.seed, epoch=epoch))
+        return self._order[1][within * self.per_step : (within + 1) * self.per_step]
+
+    def __call__(self, step: int) -> list[Batch]:
+        chosen = self.chosen(step)
         mine = [self.examples.example(int(i)) for i in self.world.shard(chosen)]
         if not mine:
             # An epoch's last step may have fewer examples than there are processes. DDP needs a backward
@@ -478,7 +490,9 @@ def build_training(
     if c.train.compile:
         for block in state.model.blocks:
             block.compile(dynamic=True)
-    batches = StepBatches(data.train, c, pad_id=data.tokenizer.eos_id, micro_rows=micro_rows, world=world)
+    batches = StepBatches(
+        data.train, c, pad_id=data.tokenizer.eos_id, micro_rows=micro_rows, world=world, parts=data.parts
+    )
     dtype = training_dtype(device, c.train.precision)
     return Training(c, data, state, batches, dtype, per_epoch, total_steps)
 

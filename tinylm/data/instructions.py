@@ -44,8 +44,8 @@ def split_records(records: Sequence[Record], *, dataset_size: int, val_fraction:
     if n_train < 1:
         raise DataError(f"only {len(chosen)} record(s): too few to hold out a validation split")
     train, val = chosen[:n_train], chosen[n_train : n_train + n_val]
-    seen = {(r.instruction, r.context) for r in train}
-    val = [r for r in val if (r.instruction, r.context) not in seen]
+    seen = {r.prompt for r in train}
+    val = [r for r in val if r.prompt not in seen]
     if not val:
         raise DataError("the validation split is empty after removing prompts that also occur in training")
     return Splits(train=train, val=val)
@@ -55,13 +55,8 @@ def encode_records(
     tokenizer: TextTokenizer, records: Iterable[Record], *, max_seq_length: int, train_on_prompt: bool
 ) -> list[EncodedExample]:
     return [
-        TEMPLATE.encode_example(
-            tokenizer,
-            r.instruction,
-            r.context,
-            r.response,
-            max_seq_length=max_seq_length,
-            train_on_prompt=train_on_prompt,
+        TEMPLATE.encode_conversation(
+            tokenizer, r.turns, max_seq_length=max_seq_length, train_on_prompt=train_on_prompt
         )
         for r in records
     ]

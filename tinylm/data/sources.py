@@ -1,8 +1,11 @@
 """Where instruction records come from: the Hugging Face Hub, a local file, or the built-in synthetic tasks.
 
 Every source yields records in Dolly's schema (instruction, context, response, category); Alpaca's
-(instruction, input, output) is mapped onto it. Problems are reported in one line naming the file and
-line or record, so a user can fix their data without reading a traceback.
+(instruction, input, output) is mapped onto it. Conversations, OpenAI's `messages` (role, content) or
+ShareGPT's `conversations` (from, value), become records whose last turn is the instruction and response
+and whose earlier turns are its `history`, through the same mapping the HTTP API renders messages with.
+Problems are reported in one line naming the file and line or record (and the field), so a user can fix
+their data without reading a traceback.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from tinylm.data.synthetic import synthetic_records
+from tinylm.prompts import ROLES, ConversationError, Turn, conversation_turns
 
 DOLLY = "databricks/databricks-dolly-15k"
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
@@ -32,18 +36,96 @@ class DataError(ValueError):
     """A data problem a user must fix; the message names the file, line or record."""
 
 
+# ShareGPT's speakers in the roles `conversation_turns` reads.
+SHAREGPT_ROLES = {
+    "human": "user",
+    "gpt": "assistant",
+    "system": "system",
+    "user": "user",
+    "assistant": "assistant",
+}
+# Each conversation format: its list field, and each message's role and content fields.
+CONVERSATION_FIELDS = {"messages": ("role", "content"), "conversations": ("from", "value")}
+
+
 @dataclass(frozen=True)
 class Record:
+    """One instruction and its response; in a conversation, the last turn, after the earlier `history`."""
+
     instruction: str
     context: str
     response: str
     category: str = ""
+    history: tuple[Turn, ...] = ()
+
+    @property
+    def turns(self) -> tuple[Turn, ...]:
+        return (*self.history, Turn(self.instruction, self.response, self.context))
+
+    @property
+    def prompt(self) -> tuple[tuple[str, ...], ...]:
+        """Everything the model is shown before the last answer: two records with the same prompt ask the
+        same question."""
+        return (
+            *((t.instruction, t.context, t.response) for t in self.history),
+            (self.instruction, self.context),
+        )
+
+    def questions(self) -> list[Record]:
+        """One record per answer, each after the turns before it: how every answer of a conversation is
+        asked when it is evaluated (a single-turn record is its own one question)."""
+        turns = self.turns
+        return [
+            Record(t.instruction, t.context, t.response, self.category, history=turns[:number])
+            for number, t in enumerate(turns)
+        ]
+
+
+def _conversation_record(raw: dict[str, Any], where: str, field: str) -> Record:
+    """A `messages` or `conversations` record as the template's turns, or fail naming the field."""
+    role_key, content_key = CONVERSATION_FIELDS[field]
+    roles = {r: r for r in ROLES} if field == "messages" else SHAREGPT_ROLES
+    items = raw[field]
+    if not isinstance(items, list) or not items:
+        raise DataError(f"{where}: field {field} must be a non-empty list of messages")
+    messages = []
+    for index, item in enumerate(items):
+        name = f"{field}[{index}]"
+        if not isinstance(item, dict):
+            raise DataError(f"{where}: field {name} must be an object with {role_key} and {content_key}")
+        role, content = item.get(role_key), item.get(content_key)
+        if role not in roles:
+            raise DataError(
+                f"{where}: field {name}.{role_key} must be one of {', '.join(roles)}, got {_shown(role)}"
+            )
+        if content is not None and not isinstance(content, str):
+            raise DataError(f"{where}: field {name}.{content_key} must be text, got {type(content).__name__}")
+        messages.append((roles[role], content or ""))
+    try:
+        turns = conversation_turns(messages, answered=True)
+    except ConversationError as exc:
+        raise DataError(f"{where}: field {field}: {exc}") from None
+    last = turns[-1]
+    category = str(raw.get("category") or "")
+    return Record(last.instruction, last.context, last.response, category, history=tuple(turns[:-1]))
+
+
+def _shown(value: Any, limit: int = 40) -> str:
+    """repr(value) cut short, so an error stays one readable line."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
 
 
 def _to_record(raw: Any, where: str) -> Record:
-    """Map a Dolly- or Alpaca-shaped mapping to a Record, or fail naming `where`."""
+    """Map a Dolly-, Alpaca-, OpenAI messages- or ShareGPT-shaped mapping to a Record, or fail naming `where`."""
     if not isinstance(raw, dict):
-        raise DataError(f"{where}: expected an object with instruction/context/response fields")
+        raise DataError(
+            f"{where}: expected an object with instruction/context/response fields (or messages, or "
+            "conversations)"
+        )
+    conversation = next((f for f in CONVERSATION_FIELDS if f in raw), None)
+    if conversation is not None:
+        return _conversation_record(raw, where, conversation)
     if "response" in raw:
         missing = [k for k in ("instruction", "response") if k not in raw]
         context, response = raw.get("context", ""), raw.get("response")

@@ -4,13 +4,16 @@
 held-out prompts (drawn with another seed). Every task is chosen to be learnable by a 2-4 layer model in a few
 thousand steps: a small vocabulary of common short words (a byte-level BPE learns each as one token), small
 numbers written as digits, and answers of one to six words. Records follow databricks-dolly-15k's schema; some
-kinds put their input in `context` and others inline it, so both prompt-template paths are trained.
+kinds put their input in `context` and others inline it, so both prompt-template paths are trained. The
+conversation kinds are OpenAI `messages` records of two turns whose second answer needs the first turn
+("What is 7 plus 5?" ... "And minus 3?"), so the demo model learns to read earlier turns as the chat sends them.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from typing import Any
 
 # Lowercase, common and short, so each is one BPE token and the model's job is moving words, not spelling.
 _WORDS = (
@@ -26,7 +29,9 @@ _Problem = tuple[str, str, str]
 
 
 def _add(rng: random.Random) -> _Problem:
-    a, b = rng.randint(0, 20), rng.randint(0, 20)
+    # Small enough that a 3-layer model learns every sum (and every difference after it) within the demo's
+    # budget: a bigger vocabulary spells each number as one token, so each pair is a fact to learn.
+    a, b = rng.randint(0, 10), rng.randint(0, 10)
     template = rng.choice(
         ("What is {a} plus {b}?", "Add {a} and {b}.", "Compute {a} + {b}.", "What is the sum of {a} and {b}?")
     )
@@ -119,6 +124,19 @@ def _repeat_word(rng: random.Random) -> _Problem:
     return template.format(word=word, times=times), "", " ".join([word] * times)
 
 
+def _add_then_subtract(rng: random.Random) -> list[tuple[str, str]]:
+    instruction, _, total = _add(rng)
+    taken = rng.randint(0, int(total))
+    follow = rng.choice(("And minus {n}?", "Now subtract {n}.", "Take {n} away from that."))
+    return [(instruction, total), (follow.format(n=taken), str(int(total) - taken))]
+
+
+def _sort_then_reverse(rng: random.Random) -> list[tuple[str, str]]:
+    instruction, _, ordered = _sort_words(rng)
+    follow = rng.choice(("Now reverse them.", "Now write them in reverse order.", "And from last to first?"))
+    return [(instruction, ordered), (follow, " ".join(reversed(ordered.split())))]
+
+
 _GENERATORS: dict[str, Callable[[random.Random], _Problem]] = {
     "add": _add,
     "compare": _compare,
@@ -130,24 +148,39 @@ _GENERATORS: dict[str, Callable[[random.Random], _Problem]] = {
     "repeat_word": _repeat_word,
 }
 
-TASK_KINDS: tuple[str, ...] = tuple(_GENERATORS)
+# Two-turn tasks: (instruction, response) per turn.
+_CONVERSATIONS: dict[str, Callable[[random.Random], list[tuple[str, str]]]] = {
+    "add_then_subtract": _add_then_subtract,
+    "sort_then_reverse": _sort_then_reverse,
+}
+
+TASK_KINDS: tuple[str, ...] = (*_GENERATORS, *_CONVERSATIONS)
 
 
-def synthetic_records(n: int, *, seed: int) -> list[dict[str, str]]:
-    """Return `n` Dolly-schema records; the same `(n, seed)` always gives the same list.
+def synthetic_records(n: int, *, seed: int) -> list[dict[str, Any]]:
+    """Return `n` records, Dolly-schema ones and two-turn `messages` ones; the same `(n, seed)` always gives
+    the same list.
 
     Kinds go round-robin so every mix of `n` is balanced and any `n >= len(TASK_KINDS)` covers all of them.
     """
     if n < 1:
         raise ValueError(f"dataset_size must be at least 1 for synthetic data, got {n}")
     rng = random.Random(seed)
-    records = []
+    records: list[dict[str, Any]] = []
     for i in range(n):
         kind = TASK_KINDS[i % len(TASK_KINDS)]
-        instruction, context, response = _GENERATORS[kind](rng)
-        records.append(
-            {"instruction": instruction, "context": context, "response": response, "category": kind}
-        )
+        if kind in _CONVERSATIONS:
+            messages = [
+                {"role": role, "content": text}
+                for turn in _CONVERSATIONS[kind](rng)
+                for role, text in zip(("user", "assistant"), turn, strict=True)
+            ]
+            records.append({"messages": messages, "category": kind})
+        else:
+            instruction, context, response = _GENERATORS[kind](rng)
+            records.append(
+                {"instruction": instruction, "context": context, "response": response, "category": kind}
+            )
     return records
 
 

@@ -51,6 +51,24 @@ class TokenArrays:
         lengths = np.full(count, max_seq_length + 1, dtype=np.int64)
         return cls(tokens=stream, starts=starts, lengths=lengths)
 
+    @classmethod
+    def concatenate(cls, parts: Sequence[TokenArrays]) -> TokenArrays:
+        """The examples of every part, in order (a mixture's sources); plain text gets an all-true mask when
+        it joins instruction examples."""
+        offsets = np.cumsum([0, *(len(p.tokens) for p in parts[:-1])])
+        masks = [p.mask for p in parts]
+        mask = None
+        if any(m is not None for m in masks):
+            mask = np.concatenate(
+                [np.ones(len(p.tokens), bool) if m is None else m for p, m in zip(parts, masks, strict=True)]
+            )
+        return cls(
+            tokens=np.concatenate([p.tokens for p in parts]),
+            starts=np.concatenate([p.starts + offset for p, offset in zip(parts, offsets, strict=True)]),
+            lengths=np.concatenate([p.lengths for p in parts]),
+            mask=mask,
+        )
+
     def __len__(self) -> int:
         return len(self.starts)
 
