@@ -183,3 +183,24 @@ def test_shards_cover_the_step_in_order_and_differ_by_at_most_one():
         assert [i for shard in shards for i in shard] == step
         assert max(map(len, shards)) - min(map(len, shards)) <= 1
     assert World.from_env().size == 1 and World.from_env().is_main  # a plain run is a world of one
+
+
+def test_two_processes_train_a_llama_as_one_does(tmp_path, tiny_set_args, offline_env):
+    """DDP is architecture-blind: rotary positions, RMSNorm, SwiGLU and shared key/value heads too."""
+    llama = [
+        "--set",
+        "arch=llama",
+        "--set",
+        "n_kv_heads=1",
+        "--set",
+        "max_steps=6",
+        "--set",
+        "eval_interval=3",
+    ]
+    two, one = tmp_path / "two", tmp_path / "one"
+    done = torchrun(
+        [*tiny_set_args, *RUN, *llama, *TWO_PROCESSES, "--out", str(two)], offline_env, tmp_path / "log"
+    )
+    assert done.returncode == 0, done.output
+    assert main(["train", *tiny_set_args, *RUN, *llama, *ONE_PROCESS, "--out", str(one)]) == 0
+    assert_close(metrics(two), metrics(one))
