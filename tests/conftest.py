@@ -85,13 +85,23 @@ def make_config():
 
 
 @pytest.fixture(scope="session")
-def tiny_model():
+def tiny_model_config():
+    """`tiny_model_config(**model_fields)`: the 2-layer, 32-wide model's config with some fields replaced."""
+
+    def make(**overrides: object) -> ModelConfig:
+        return replace(make_tiny_config().model, **overrides)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_config):
     """`tiny_model(seed=0, **model_fields)`: a fresh 2-layer, 32-wide byte-level model, seeded."""
     from tinylm.model import TinyLM
 
     def make(seed: int = 0, **overrides: object) -> TinyLM:
         torch.manual_seed(seed)
-        return TinyLM(replace(make_tiny_config().model, **overrides))
+        return TinyLM(tiny_model_config(**overrides))
 
     return make
 

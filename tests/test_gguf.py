@@ -39,21 +39,10 @@ def bpe():
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
-def trained(request, bpe):
+def trained(request, bpe, tiny_model_config):
     """A 2-layer, 32-wide model of each architecture that has learned PAIRS, so greedy choices are clear."""
     fields = {"n_kv_heads": 1} if request.param == "llama" else {}
-    config = ModelConfig(
-        arch=request.param,
-        vocab_size=bpe.vocab_size,
-        d_model=32,
-        n_heads=2,
-        n_layers=2,
-        d_ff=64,
-        max_seq_length=64,
-        dropout=0.0,
-        tie_weights=True,
-        **fields,
-    )
+    config = tiny_model_config(arch=request.param, vocab_size=bpe.vocab_size, tie_weights=True, **fields)
     torch.manual_seed(0)
     model = TinyLM(config)
     examples = [TEMPLATE.encode_example(bpe, q, "", a, max_seq_length=64) for q, a in PAIRS]

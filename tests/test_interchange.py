@@ -11,7 +11,7 @@ import torch
 
 from tinylm.checkpoint import CheckpointError, load_model, save_checkpoint
 from tinylm.cli import main
-from tinylm.config import Config, DataConfig, ModelConfig, SamplingConfig
+from tinylm.config import Config, DataConfig, SamplingConfig
 from tinylm.data.instructions import collate
 from tinylm.generate import Engine
 from tinylm.interchange import InterchangeError, model_card, read_hf, write_hf
@@ -104,40 +104,36 @@ def test_a_transformers_model_imports_with_its_logits(tmp_path, tokenizers_by_ki
     assert [imported.tokenizer.encode(t) for t in AWKWARD] == [tokenizer.encode(t) for t in AWKWARD]
 
 
-def trained(arch: str, tokenizer, *, steps: int = 60) -> tuple[TinyLM, Config]:
-    """A 2-layer, 32-wide model of `arch` trained a little on four prompt-answer pairs."""
-    fields = {"tinylm": {"tie_weights": True}, "gpt2": {}, "llama": {"n_kv_heads": 1}}[arch]
-    model_config = ModelConfig(
-        arch=arch,
-        vocab_size=tokenizer.vocab_size,
-        d_model=32,
-        n_heads=2,
-        n_layers=2,
-        d_ff=64,
-        max_seq_length=64,
-        dropout=0.0,
-        **fields,
-    )
-    config = Config(
-        model=model_config,
-        data=DataConfig(source="synthetic", tokenizer=tokenizer.kind),
-        sampling=SamplingConfig(temperature=0.0),
-    ).validate()
-    torch.manual_seed(0)
-    model = TinyLM(model_config)
-    answers = ["hello there", "5", "blue sky", "1 2 3"]
-    examples = [
-        TEMPLATE.encode_example(tokenizer, q, "", a, max_seq_length=64)
-        for q, a in zip(QUESTIONS, answers, strict=True)
-    ]
-    inputs, targets = collate(examples, tokenizer.eos_id)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(steps):
-        loss, n = lm_loss(model, inputs, targets)
-        (loss / n).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    return model.eval(), config
+@pytest.fixture
+def trained(tiny_model_config):
+    """`trained(arch, tokenizer, steps=60)`: a 2-layer, 32-wide model of `arch` trained a little on four
+    prompt-answer pairs, and its config."""
+
+    def train_one(arch: str, tokenizer, *, steps: int = 60) -> tuple[TinyLM, Config]:
+        fields = {"tinylm": {"tie_weights": True}, "gpt2": {}, "llama": {"n_kv_heads": 1}}[arch]
+        model_config = tiny_model_config(arch=arch, vocab_size=tokenizer.vocab_size, **fields)
+        config = Config(
+            model=model_config,
+            data=DataConfig(source="synthetic", tokenizer=tokenizer.kind),
+            sampling=SamplingConfig(temperature=0.0),
+        ).validate()
+        torch.manual_seed(0)
+        model = TinyLM(model_config)
+        answers = ["hello there", "5", "blue sky", "1 2 3"]
+        examples = [
+            TEMPLATE.encode_example(tokenizer, q, "", a, max_seq_length=64)
+            for q, a in zip(QUESTIONS, answers, strict=True)
+        ]
+        inputs, targets = collate(examples, tokenizer.eos_id)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        for _ in range(steps):
+            loss, n = lm_loss(model, inputs, targets)
+            (loss / n).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        return model.eval(), config
+
+    return train_one
 
 
 def until_end(tokens: list[int], eos: int) -> list[int]:
@@ -153,7 +149,7 @@ def export(tmp_path: Path, model: TinyLM, config: Config, tokenizer, name: str =
 @pytest.mark.parametrize("arch", ["tinylm", "gpt2", "llama"])
 @pytest.mark.parametrize("kind", ["gpt2", "bpe", "byte"])
 def test_a_trained_model_exports_to_what_transformers_loads_with_the_same_logits_and_tokens(
-    tmp_path, tokenizers_by_kind, arch, kind
+    tmp_path, tokenizers_by_kind, arch, kind, trained
 ):
     tokenizer = tokenizers_by_kind[kind]
     model, config = trained(arch, tokenizer)
@@ -187,7 +183,7 @@ def test_a_trained_model_exports_to_what_transformers_loads_with_the_same_logits
     assert hf_tokenizer.eos_token_id == tokenizer.eos_id
 
 
-def test_the_model_card_says_how_to_prompt_and_what_made_it(tmp_path, tokenizers_by_kind):
+def test_the_model_card_says_how_to_prompt_and_what_made_it(tmp_path, tokenizers_by_kind, trained):
     tokenizer = tokenizers_by_kind["byte"]
     model, config = trained("gpt2", tokenizer, steps=1)
     card = (export(tmp_path, model, config, tokenizer) / "README.md").read_text()
@@ -200,7 +196,7 @@ def test_the_model_card_says_how_to_prompt_and_what_made_it(tmp_path, tokenizers
     assert rendered == TEMPLATE.render("Greet me.")
 
 
-def test_an_export_path_that_exists_is_kept_unless_overwrite(tmp_path, tokenizers_by_kind):
+def test_an_export_path_that_exists_is_kept_unless_overwrite(tmp_path, tokenizers_by_kind, trained):
     tokenizer = tokenizers_by_kind["byte"]
     model, config = trained("gpt2", tokenizer, steps=1)
     (tmp_path / "exported").mkdir()
@@ -214,7 +210,9 @@ def test_an_export_path_that_exists_is_kept_unless_overwrite(tmp_path, tokenizer
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exported"]  # no temporary folder left
 
 
-def test_a_tinylm_model_with_an_output_bias_is_refused_naming_the_setting(tmp_path, tokenizers_by_kind):
+def test_a_tinylm_model_with_an_output_bias_is_refused_naming_the_setting(
+    tmp_path, tokenizers_by_kind, trained
+):
     tokenizer = tokenizers_by_kind["byte"]
     _, config = trained("tinylm", tokenizer, steps=1)
     untied = TinyLM(replace(config.model, tie_weights=False))
@@ -247,7 +245,7 @@ def break_folder(folder: Path, how: str) -> str:
 
 
 @pytest.mark.parametrize("how", ["architecture", "missing weight", "shape", "tokenizer"])
-def test_a_bad_folder_is_one_line_naming_what_is_wrong(tmp_path, tokenizers_by_kind, how, capsys):
+def test_a_bad_folder_is_one_line_naming_what_is_wrong(tmp_path, tokenizers_by_kind, how, capsys, trained):
     tokenizer = tokenizers_by_kind["byte"]
     model, config = trained("gpt2", tokenizer, steps=1)
     folder = export(tmp_path, model, config, tokenizer)
@@ -266,7 +264,9 @@ def test_a_hub_name_fails_fast_offline():
         load_model("hf:someone/some-model")
 
 
-def test_the_command_line_exports_and_every_front_end_takes_the_folder(tmp_path, tokenizers_by_kind, capsys):
+def test_the_command_line_exports_and_every_front_end_takes_the_folder(
+    tmp_path, tokenizers_by_kind, capsys, trained
+):
     tokenizer = tokenizers_by_kind["byte"]
     model, config = trained("llama", tokenizer)
     checkpoint = save_checkpoint(
