@@ -436,18 +436,24 @@ def test_a_failing_model_answers_500_and_the_server_lives_on(loaded, monkeypatch
         assert client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=3).choices
 
 
-def test_generation_stops_promptly_for_a_client_that_leaves_mid_stream(loaded, monkeypatch):
+def slow_forward_passes(loaded: LoadedModel, monkeypatch, *, seconds: float) -> list[float]:
+    """Make every forward pass of the served model take `seconds`; returns when each one began."""
     # Generation runs the model through hidden_states (it applies the output layer to the last position itself).
     hidden_states = loaded.model.hidden_states
-    steps: list[float] = []  # when each forward pass began
-    step_s, max_tokens = 0.05, 80  # the whole answer would take 4 s
+    passes: list[float] = []
 
-    def slow_step(*args, **kwargs):
-        steps.append(time.monotonic())
-        time.sleep(step_s)
+    def slow(*args, **kwargs):
+        passes.append(time.monotonic())
+        time.sleep(seconds)
         return hidden_states(*args, **kwargs)
 
-    monkeypatch.setattr(loaded.model, "hidden_states", slow_step)
+    monkeypatch.setattr(loaded.model, "hidden_states", slow)
+    return passes
+
+
+def test_generation_stops_promptly_for_a_client_that_leaves_mid_stream(loaded, monkeypatch):
+    step_s, max_tokens = 0.05, 80  # the whole answer would take 4 s
+    steps = slow_forward_passes(loaded, monkeypatch, seconds=step_s)
     with running(create_app(loaded)) as url:
         body = {"model": MODEL, "messages": QUESTION, "max_tokens": max_tokens, "temperature": 0}
         with httpx.stream(
@@ -629,6 +635,23 @@ def batch_state(url: str) -> dict:
     return httpx.get(f"{url}/health").json()["batches"][MODEL]
 
 
+def wait_for_batch(url: str, **state: int) -> None:
+    deadline = time.monotonic() + 30
+    while {k: batch_state(url)[k] for k in state} != state:
+        assert time.monotonic() < deadline, f"the batch is {batch_state(url)}, not {state}"
+        time.sleep(0.01)
+
+
+def assert_answers_as_alone(url: str, loaded: LoadedModel) -> None:
+    """The server still answers a greedy question exactly as the library does."""
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=30)
+    answer = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=20, temperature=0)
+    assert (
+        answer.choices[0].message.content
+        == reference(loaded, chat_ids(loaded, "hi"), 20, temperature=0.0).text
+    )
+
+
 def test_clients_that_leave_at_random_leave_no_rows_behind(loaded):
     async def hundred_streams(url: str) -> None:
         rng = random.Random(0)
@@ -651,16 +674,72 @@ def test_clients_that_leave_at_random_leave_no_rows_behind(loaded):
 
     with running(create_app(loaded, max_batch_size=16)) as url:
         asyncio.run(hundred_streams(url))
-        deadline = time.monotonic() + 30
-        while batch_state(url) != {"running": 0, "waiting": 0}:
-            assert time.monotonic() < deadline, f"rows left behind: {batch_state(url)}"
-            time.sleep(0.05)
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-        answer = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=20, temperature=0)
-        assert (
-            answer.choices[0].message.content
-            == reference(loaded, chat_ids(loaded, "hi"), 20, temperature=0.0).text
-        )
+        wait_for_batch(url, running=0, waiting=0)
+        assert_answers_as_alone(url, loaded)
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/chat/completions", {"messages": QUESTION, "max_tokens": 90}),
+        ("/v1/completions", {"prompt": "hi", "max_tokens": 120}),
+    ],
+)
+def test_a_whole_answer_stops_at_once_when_its_client_leaves(loaded, monkeypatch, path, body):
+    passes = slow_forward_passes(loaded, monkeypatch, seconds=0.02)
+    with running(create_app(loaded)) as url:
+        # A raw connection, closed without reading once the request's row is in the batch.
+        host, port = url.removeprefix("http://").split(":")
+        payload = json.dumps({"model": MODEL, "temperature": 0, **body}).encode()
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(
+                f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(payload)}\r\n\r\n".encode()
+                + payload
+            )
+            wait_for_batch(url, running=1)
+            left = len(passes)
+        wait_for_batch(url, running=0, waiting=0)
+        assert len(passes) - left < body["max_tokens"] // 4  # it left within a few steps, far from its end
+        assert_answers_as_alone(url, loaded)
+
+
+def test_whole_answers_whose_clients_leave_at_random_free_their_rows(loaded, monkeypatch):
+    rng = random.Random(0)
+    leaving = set(rng.sample(range(20), 10))
+    staying = {i: ask | {"max_tokens": 4 + i % 8} for i, ask in enumerate(mixed_asks(20)) if i not in leaving}
+    expected = {i: alone(loaded, ask) for i, ask in staying.items()}
+    delays = {i: rng.uniform(0.05, 0.4) for i in sorted(leaving)}  # each leaving client's patience
+    longest = 90  # a leaving request would run this many steps to its end
+    passes = slow_forward_passes(loaded, monkeypatch, seconds=0.02)
+
+    async def ask_all(url: str) -> dict[int, list[str]]:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+
+            async def leave(index: int) -> None:
+                path, body = (
+                    ("/v1/chat/completions", {"messages": QUESTION})
+                    if index % 2
+                    else ("/v1/completions", {"prompt": f"text {index}"})
+                )
+                body |= {"model": MODEL, "max_tokens": longest, "temperature": 1.0, "seed": index}
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(http.post(path, json=body), timeout=delays[index])
+                    raise AssertionError(f"request {index} was answered before its client left")
+
+            async def stay(index: int) -> list[str]:
+                answer = await http.post("/v1/chat/completions", json={"model": MODEL, **staying[index]})
+                return [choice["message"]["content"] for choice in answer.json()["choices"]]
+
+            asked = [leave(i) if i in leaving else stay(i) for i in range(20)]
+            answers = await asyncio.gather(*asked)
+            return {i: answer for i, answer in enumerate(answers) if i in staying}
+
+    with running(create_app(loaded)) as url:
+        assert asyncio.run(ask_all(url)) == expected
+        wait_for_batch(url, running=0, waiting=0)
+        assert len(passes) < longest  # the leaving requests never ran to their end
+        assert_answers_as_alone(url, loaded)
 
 
 def rss_mib() -> float:

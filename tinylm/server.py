@@ -47,14 +47,14 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.exceptions import HTTPException
 
@@ -216,6 +216,7 @@ class DetokenizeRequest(BaseModel):
 
 
 _R = TypeVar("_R", bound=BaseModel)
+_T = TypeVar("_T")
 
 
 def _describe(error: ValidationError) -> APIError:
@@ -643,6 +644,29 @@ def _merge(into: dict[str, Any] | None, more: dict[str, Any]) -> dict[str, Any]:
     return into
 
 
+async def _client_gone(connection: Request) -> None:
+    """Return once the client has closed the connection (listening as Starlette's StreamingResponse does)."""
+    while (await connection.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_client_leaves(connection: Request, answer: Coroutine[Any, Any, _T]) -> _T | Response:
+    """`answer`'s result; or, when the client leaves first, `answer` cancelled: that leaves `Job.chunks`
+    early, which cancels the job as a closed stream does, so its rows leave before the next decode step."""
+    answering = asyncio.create_task(answer)
+    leaving = asyncio.create_task(_client_gone(connection))
+    try:
+        await asyncio.wait((answering, leaving), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (answering, leaving):
+            task.cancel()
+        await asyncio.wait((answering, leaving))
+    if answering.cancelled():
+        # Nobody reads it: nginx's code for a client that closed its request.
+        return Response(status_code=499)
+    return answering.result()
+
+
 async def _answer(
     served: _Served,
     job: Job,
@@ -650,10 +674,12 @@ async def _answer(
     request: _Request,
     shape: _Shape,
     *,
+    connection: Request,
     prompt_texts: Sequence[str] = (),
 ):
     """Submit the job; answer with one JSON object, or with server-sent events when `stream` is set.
 
+    Either way the job ends when the client on `connection` goes away, so its rows leave the batch at once.
     With echo (completions), each choice's text starts with its prompt's text (`prompt_texts`).
     """
     head = {
@@ -684,8 +710,7 @@ async def _answer(
             logprobs = _merge(logprobs, shapers[choice].shape(chunk.logprobs))
         return text + chunk.text, logprobs
 
-    served.scheduler.submit(job)
-    if not request.stream:
+    async def whole() -> dict[str, Any]:
         texts: list[list[str]] = [[] for _ in range(choices)]
         logprobs: list[dict[str, Any] | None] = [None] * choices
         finals: dict[int, Chunk] = {}
@@ -705,6 +730,10 @@ async def _answer(
             ],
             "usage": _usage(prompts, list(finals.values())),
         }
+
+    served.scheduler.submit(job)
+    if not request.stream:
+        return await _unless_client_leaves(connection, whole())
 
     include_usage = bool(request.stream_options and request.stream_options.include_usage)
 
@@ -839,7 +868,7 @@ def create_app(*models: LoadedModel, api_key: str | None = None, max_batch_size:
         prompt = await asyncio.to_thread(chat_prompt, model.loaded.tokenizer, body.messages)
         max_tokens = body.max_completion_tokens or body.max_tokens
         job = model.job([prompt], body, max_tokens=max_tokens, stop=(*TEMPLATE.stop_strings, *_stops(body)))
-        return await _answer(model, job, [prompt], body, CHAT)
+        return await _answer(model, job, [prompt], body, CHAT, connection=request)
 
     @v1.post("/completions")
     async def completions(request: Request):
@@ -859,7 +888,7 @@ def create_app(*models: LoadedModel, api_key: str | None = None, max_batch_size:
             _check_ids(prompts, model.loaded.config.model.vocab_size)
             texts = [tokenizer.decode(p) for p in prompts]
         job = model.job(prompts, body, max_tokens=body.max_tokens, stop=_stops(body))
-        return await _answer(model, job, prompts, body, COMPLETION, prompt_texts=texts)
+        return await _answer(model, job, prompts, body, COMPLETION, connection=request, prompt_texts=texts)
 
     @tools.post("/tokenize")
     async def tokenize(request: Request) -> dict[str, Any]:
