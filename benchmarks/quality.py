@@ -78,7 +78,7 @@ VAL_FRACTION = 0.1
 FIRST_SEED = 1337  # nanoGPT's own
 WEIGHT_DECAY = 0.1  # nanoGPT's default, which neither shape's command changes
 GRAD_CLIP = 1.0
-EVALS_PER_RUN = 20  # the default evaluation interval is steps / this
+EVALS_PER_RUN = 20  # about this many evaluations a run, by default
 NANOGPT = "nanoGPT train.py"
 
 
@@ -100,7 +100,7 @@ class Shape:
     min_lr: float
     beta2: float
     eval_iters: int
-    eval_interval: int = 0  # 0: steps / EVALS_PER_RUN
+    eval_interval: int = 0  # 0: about steps / EVALS_PER_RUN
     # The nanoGPT config file its README's command starts from (read in its checkout).
     config_file: str | None = None
 
@@ -162,7 +162,10 @@ def resolve_shape(shape: Shape, args: argparse.Namespace) -> Shape:
     """The shape with the command line's steps, batch and evaluation settings; the warm-up is at most a
     tenth of the steps (so a short run still decays)."""
     steps = args.steps or shape.steps
-    interval = args.eval_interval or max(1, steps // EVALS_PER_RUN)
+    # By default about EVALS_PER_RUN evaluations, at an interval that divides the steps.
+    interval = args.eval_interval or max(
+        i for i in range(1, max(1, steps // EVALS_PER_RUN) + 1) if steps % i == 0
+    )
     if steps % interval:
         sys.exit(
             f"error: --steps {steps} is not a multiple of the evaluation interval {interval} (nanoGPT "
@@ -855,7 +858,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--batch-size", type=positive, help="windows per step (default: the shape's, 12 char, 8 bpe)"
     )
     parser.add_argument(
-        "--eval-interval", type=positive, help=f"steps between evaluations (default: steps / {EVALS_PER_RUN})"
+        "--eval-interval",
+        type=positive,
+        help=f"steps between evaluations (default: about steps / {EVALS_PER_RUN}, dividing them)",
     )
     parser.add_argument(
         "--eval-iters", type=positive, help="batches per evaluation (default: the shape's, 20 char, 10 bpe)"
