@@ -48,9 +48,9 @@ def test_presets_are_valid(name):
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
-def test_presets_keep_the_reference_optimizer_and_schedule(name):
+def test_presets_keep_the_reference_optimizer_schedule_and_attention(name):
     c = preset(name)
-    assert (c.train.optimizer, c.train.schedule) == ("adamw", "cosine")
+    assert (c.train.optimizer, c.train.schedule, c.model.qk_norm) == ("adamw", "cosine", False)
 
 
 def test_unknown_preset_names_the_choices():
@@ -110,6 +110,7 @@ def test_wrong_type_names_the_field_and_value():
         ({"schedule": "linear"}, "train.schedule"),
         ({"decay_fraction": 0}, "train.decay_fraction"),
         ({"decay_fraction": 1.5}, "train.decay_fraction"),
+        ({"qk_norm": "maybe"}, "model.qk_norm"),
     ],
 )
 def test_impossible_values_fail_naming_the_field(overrides, field):

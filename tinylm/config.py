@@ -53,6 +53,9 @@ class ModelConfig:
     norm_eps: float = 1e-5
     # The base wavelength of rotary positions (llama).
     rope_theta: float = 10000.0
+    # RMS-normalise each head's queries and keys (with a learned gain per head dimension) before the
+    # positions turn them, as Qwen3 does: it keeps the attention logits from growing.
+    qk_norm: bool = False
 
     @property
     def d_k(self) -> int:
