@@ -47,6 +47,12 @@ def test_presets_are_valid(name):
     assert preset(name).validate() == preset(name)
 
 
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_keep_the_reference_optimizer_schedule_and_attention(name):
+    c = preset(name)
+    assert (c.train.optimizer, c.train.schedule, c.model.qk_norm) == ("adamw", "cosine", False)
+
+
 def test_unknown_preset_names_the_choices():
     with pytest.raises(ConfigError, match=r"'v9'.*v1, v2"):
         preset("v9")
@@ -100,6 +106,11 @@ def test_wrong_type_names_the_field_and_value():
         ({"dropout": 1.0}, "model.dropout"),
         ({"tokenizer": "words"}, "data.tokenizer"),
         ({"top_p": 0}, "sampling.top_p"),
+        ({"optimizer": "sgd"}, "train.optimizer"),
+        ({"schedule": "linear"}, "train.schedule"),
+        ({"decay_fraction": 0}, "train.decay_fraction"),
+        ({"decay_fraction": 1.5}, "train.decay_fraction"),
+        ({"qk_norm": "maybe"}, "model.qk_norm"),
     ],
 )
 def test_impossible_values_fail_naming_the_field(overrides, field):

@@ -61,10 +61,11 @@ def test_batched_rows_equal_each_prompt_alone_past_the_window(random_model, use_
     assert len({tuple(row) for row in together}) == len(PROMPTS)  # the rows really differ
 
 
-def test_cached_decoding_equals_uncached_past_the_context_window(random_model, arch):
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_cached_decoding_equals_uncached_past_the_context_window(random_model, arch, qk_norm):
     # 200 new tokens: the 16-token window slides and is prefilled again several times.
     sampling = replace(GREEDY, max_new_tokens=200)
-    engine = Engine(random_model(**arch), TOK)
+    engine = Engine(random_model(**arch, qk_norm=qk_norm), TOK)
     prompt = ids(10, seed=2)
     assert generated(engine, [prompt], sampling) == generated(engine, [prompt], sampling, use_cache=False)
 

@@ -74,8 +74,9 @@ def test_tied_head_shares_the_embedding_and_has_no_bias():
     assert model.head.bias is None
 
 
-def test_cached_prefill_and_steps_equal_the_uncached_forward(arch):
-    model = tiny_model(**arch)
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_cached_prefill_and_steps_equal_the_uncached_forward(arch, qk_norm):
+    model = tiny_model(**arch, qk_norm=qk_norm)
     ids = torch.randint(0, 257, (2, 30), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         full = model(ids)

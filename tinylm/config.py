@@ -25,6 +25,10 @@ class ConfigError(ValueError):
 
 # The architectures of model.py's DESIGNS: the seed's own, and Hugging Face's GPT-2 and Llama exactly.
 ARCHITECTURES = ("tinylm", "gpt2", "llama")
+# train.optimizer: AdamW for everything, or Muon for the blocks' weight matrices and AdamW for the rest.
+OPTIMIZERS = ("adamw", "muon")
+# train.schedule: after the warm-up, a cosine down to min_learning_rate, or warm-up, stable, decay (WSD).
+SCHEDULES = ("cosine", "wsd")
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,9 @@ class ModelConfig:
     norm_eps: float = 1e-5
     # The base wavelength of rotary positions (llama).
     rope_theta: float = 10000.0
+    # RMS-normalise each head's queries and keys (with a learned gain per head dimension) before the
+    # positions turn them, as Qwen3 does: it keeps the attention logits from growing.
+    qk_norm: bool = False
 
     @property
     def d_k(self) -> int:
@@ -86,7 +93,14 @@ class TrainConfig:
     learning_rate: float = 2e-4
     min_learning_rate: float = 2e-5
     warmup_steps: int = 1000
+    # cosine: down from learning_rate after the warm-up; wsd: held, then straight down over the last
+    # decay_fraction of the planned steps. Both reach min_learning_rate at the planned end.
+    schedule: str = "cosine"
+    decay_fraction: float = 0.2
     weight_decay: float = 0.01
+    # adamw, or muon: Muon for the blocks' weight matrices, its updates scaled to AdamW's size so that the
+    # same learning_rate, weight_decay and schedule drive it, and AdamW for everything else.
+    optimizer: str = "adamw"
     grad_clip: float = 1.0
     eval_interval: int = 500
     eval_batches: int = 50
@@ -186,6 +200,9 @@ class Config:
                 "must be between 0 and train.learning_rate",
             ),
             (t.warmup_steps >= 0, "train.warmup_steps", "must not be negative"),
+            (t.schedule in SCHEDULES, "train.schedule", f"must be one of {', '.join(SCHEDULES)}"),
+            (0 < t.decay_fraction <= 1, "train.decay_fraction", "must be in (0, 1]"),
+            (t.optimizer in OPTIMIZERS, "train.optimizer", f"must be one of {', '.join(OPTIMIZERS)}"),
             (0 <= t.seed < 2**32, "train.seed", "must be between 0 and 2**32 - 1 (NumPy's seed range)"),
             (t.weight_decay >= 0, "train.weight_decay", "must not be negative"),
             (t.grad_clip >= 0, "train.grad_clip", "must not be negative (0 turns clipping off)"),

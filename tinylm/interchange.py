@@ -371,6 +371,11 @@ def hf_config(config: ModelConfig, tokenizer: Tokenizer) -> dict[str, Any]:
 
 def check_exportable(config: ModelConfig) -> None:
     """Refuse, in one line, a model that another library's architecture cannot say exactly."""
+    if config.qk_norm:
+        raise InterchangeError(
+            "this model normalises its queries and keys (model.qk_norm = true), which neither Hugging Face's "
+            "GPT-2 and Llama nor llama.cpp's architectures do: it cannot be exported"
+        )
     if config.arch == "tinylm" and not config.tie_weights:
         raise InterchangeError(
             "this tinylm model's output layer has a bias, which GPT-2 has not: train with --set "

@@ -255,9 +255,24 @@ def make_positions(config: ModelConfig) -> nn.Module:
 Rotary = tuple[torch.Tensor, torch.Tensor] | None
 
 
+class QKNorm(nn.Module):
+    """RMS norm of queries and keys (B, nh, T, dk) over each head's width, with a learned gain per dimension
+    (one for the queries, one for the keys, shared by the heads). The statistics are taken in float32 and
+    each keeps its dtype, so that under autocast queries, keys and values still share one."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.q = nn.RMSNorm(config.d_k, eps=config.norm_eps)
+        self.k = nn.RMSNorm(config.d_k, eps=config.norm_eps)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.q(q.float()).to(q.dtype), self.k(k.float()).to(k.dtype)
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head attention; with fewer key/value heads than query heads (grouped-query attention) each
-    key/value head serves n_heads / n_kv_heads query heads, and the cache holds only the fewer."""
+    key/value head serves n_heads / n_kv_heads query heads, and the cache holds only the fewer. With
+    qk_norm, queries and keys are normalised per head before the positions turn them."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -266,6 +281,7 @@ class CausalSelfAttention(nn.Module):
         self.widths = [config.n_heads * config.d_k, *[config.kv_heads * config.d_k] * 2]
         self.qkv = nn.Linear(config.d_model, sum(self.widths), bias=bias)
         self.proj = nn.Linear(config.d_model, config.d_model, bias=bias)
+        self.qk_norm = QKNorm(config) if config.qk_norm else None
         self.dropout = config.dropout
         self.resid_dropout = Dropout(config.dropout)
 
@@ -276,6 +292,8 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.qkv(x).split(self.widths, dim=2)
         q = q.view(B, T, self.n_heads, self.d_k).transpose(1, 2)  # (B, nh, T, dk)
         k, v = (t.view(B, T, self.n_kv_heads, self.d_k).transpose(1, 2) for t in (k, v))  # (B, nkv, T, dk)
+        if self.qk_norm is not None:
+            q, k = self.qk_norm(q, k)
         if rotary is not None:
             q, k = rotate(q, rotary), rotate(k, rotary)
         if cache is not None:
@@ -464,7 +482,8 @@ def parameter_count(config: ModelConfig) -> int:
     norm = 2 * d if kinds.norm == "layer" else d
     qkv = d + 2 * config.kv_heads * config.d_k
     linears = [(d, qkv), (d, d), (d, 2 * ff if kinds.mlp == "swiglu" else ff), (ff, d)]
-    block = 2 * norm + sum(i * o + (o if kinds.bias else 0) for i, o in linears)
+    qk_norm = 2 * config.d_k if config.qk_norm else 0
+    block = 2 * norm + qk_norm + sum(i * o + (o if kinds.bias else 0) for i, o in linears)
     positions = config.max_seq_length * d if kinds.positions == "learned" else 0
     head = 0 if config.tie_weights else V * d + (V if kinds.output_bias else 0)
     return V * d + positions + config.n_layers * block + norm + head

@@ -31,8 +31,16 @@ from tinylm.tracking import METRICS_FILE, WANDB_ID_FILE
 log = logging.getLogger("tinylm")
 
 LOCK_FILE = ".lock"
-# Fields a resumed run cannot change: they decide the model, the data or the order of the examples.
-LOCKED_ON_RESUME = ("model", "data", "train.seed", "train.batch_size", "train.gradient_accumulation_steps")
+# Fields a resumed run cannot change: they decide the model, the data, the order of the examples or the
+# optimizer whose state the checkpoint holds.
+LOCKED_ON_RESUME = (
+    "model",
+    "data",
+    "train.seed",
+    "train.batch_size",
+    "train.gradient_accumulation_steps",
+    "train.optimizer",
+)
 UNLOCKED_ON_RESUME = ("model.gradient_checkpointing", "data.gpt2_ranks_path")
 # What a run writes (and so what --overwrite deletes); anything else a user keeps there stays.
 RUN_FILES = ("*.pt", METRICS_FILE, "config.json", "loss.png", WANDB_ID_FILE)  # not the lock: it is held

@@ -25,14 +25,21 @@ OVERFIT_EVALS = 3
 
 
 def learning_rate(step: int, train: TrainConfig, total_steps: int) -> float:
-    """Linear warm-up to learning_rate, then cosine decay to min_learning_rate at `total_steps`."""
+    """Linear warm-up to learning_rate, then down to min_learning_rate at `total_steps`: along a cosine
+    (train.schedule "cosine"), or held and then straight down over the last decay_fraction of the steps
+    ("wsd"). Past `total_steps` it holds min_learning_rate."""
     if step < train.warmup_steps:
         return train.learning_rate * (step + 1) / train.warmup_steps
-    span = max(1, total_steps - train.warmup_steps)
-    progress = min(1.0, (step - train.warmup_steps) / span)
-    return train.min_learning_rate + 0.5 * (1 + math.cos(math.pi * progress)) * (
-        train.learning_rate - train.min_learning_rate
-    )
+    if train.schedule == "wsd":
+        decay_steps = train.decay_fraction * total_steps
+        if step < total_steps - decay_steps:
+            return train.learning_rate
+        left = max(0.0, (total_steps - step) / decay_steps)  # 1 where the decay starts, 0 at the end
+    else:
+        span = max(1, total_steps - train.warmup_steps)
+        progress = min(1.0, (step - train.warmup_steps) / span)
+        left = 0.5 * (1 + math.cos(math.pi * progress))
+    return train.min_learning_rate + left * (train.learning_rate - train.min_learning_rate)
 
 
 class LRSchedule:
@@ -119,17 +126,60 @@ class ValidationWatch:
             setattr(self, key, value)
 
 
-def build_optimizer(model: TinyLM, train: TrainConfig, *, fused: bool | None = None) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only: norms, biases and embeddings are not decayed.
+class CombinedOptimizer:
+    """Several optimizers, each over its own parameters, driven as one: `param_groups` lists all their groups
+    (so the schedule sets every rate), and one state dict holds them all, by name."""
 
-    fused None takes the fused kernel where PyTorch has one for the device (one pass over each tensor
+    def __init__(self, **parts: torch.optim.Optimizer):
+        self.parts = parts
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [group for part in self.parts.values() for group in part.param_groups]
+
+    def step(self) -> None:
+        for part in self.parts.values():
+            part.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for part in self.parts.values():
+            part.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: part.state_dict() for name, part in self.parts.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """KeyError or ValueError: a state of other optimizers."""
+        if set(state) != set(self.parts):
+            raise KeyError(f"optimizers {sorted(state)}, expected {sorted(self.parts)}")
+        for name, part in self.parts.items():
+            part.load_state_dict(state[name])
+
+
+Optimizer = torch.optim.Optimizer | CombinedOptimizer
+
+
+def muon_parameters(model: TinyLM) -> list[nn.Parameter]:
+    """The weight matrices inside the transformer blocks (attention and feed-forward): what Muon trains.
+    The embeddings, the output layer, the norms' gains and the biases stay with AdamW."""
+    return [p for p in model.blocks.parameters() if p.dim() == 2 and p.requires_grad]
+
+
+def build_optimizer(model: TinyLM, train: TrainConfig, *, fused: bool | None = None) -> Optimizer:
+    """AdamW with weight decay on matrices only: norms, biases and embeddings are not decayed. With
+    train.optimizer "muon", the blocks' matrices (`muon_parameters`) go to Muon instead, scaled to AdamW's
+    update size (Moonshot's match_rms_adamw) so that the same learning_rate and weight_decay suit both.
+
+    fused None takes AdamW's fused kernel where PyTorch has one for the device (one pass over each tensor
     instead of a loop of small operations); False asks for AdamW's plain per-tensor loop.
     """
+    muon = muon_parameters(model) if train.optimizer == "muon" else []
+    to_muon = {id(p) for p in muon}
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
     embeddings = {id(model.embed.weight)}
     for param in model.parameters():
-        if not param.requires_grad:
+        if not param.requires_grad or id(param) in to_muon:
             continue
         (decay if param.dim() >= 2 and id(param) not in embeddings else no_decay).append(param)
     groups = [
@@ -139,7 +189,15 @@ def build_optimizer(model: TinyLM, train: TrainConfig, *, fused: bool | None = N
     if fused is None:
         fused = next(model.parameters()).device.type in ("cpu", "cuda")
     options: dict[str, Any] = {"fused": True} if fused else {"fused": False, "foreach": False}
-    return torch.optim.AdamW(groups, lr=train.learning_rate, betas=(0.9, 0.95), **options)
+    adamw = torch.optim.AdamW(groups, lr=train.learning_rate, betas=(0.9, 0.95), **options)
+    if train.optimizer == "adamw":
+        return adamw
+    return CombinedOptimizer(
+        adamw=adamw,
+        muon=torch.optim.Muon(
+            muon, lr=train.learning_rate, weight_decay=train.weight_decay, adjust_lr_fn="match_rms_adamw"
+        ),
+    )
 
 
 def _tensors(value: Any, *, back: bool = False) -> Any:
@@ -190,7 +248,7 @@ class TrainState:
     """
 
     model: TinyLM
-    optimizer: torch.optim.Optimizer
+    optimizer: Optimizer
     schedule: LRSchedule
     watch: ValidationWatch = field(default_factory=ValidationWatch)
     step: int = 0

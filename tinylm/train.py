@@ -706,7 +706,7 @@ def model_summary(model: TinyLM) -> str:
         ),
         (
             f"blocks x{c.n_layers}",
-            f"{norm}, attention {c.n_heads} heads{kv} x {c.d_k}, "
+            f"{norm}, attention {c.n_heads} heads{kv} x {c.d_k}{', qk-norm' if c.qk_norm else ''}, "
             f"{norm}, {model.design.mlp} ff {c.d_model}->{c.d_ff}->{c.d_model}",
             f"{count(model.blocks[0]):,} each",
         ),
