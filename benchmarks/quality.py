@@ -824,6 +824,12 @@ def run_shape(
                 run["curve"]["tokens"] = [step * shape.tokens_per_step for step in run["curve"]["steps"]]
                 run["wall_seconds"] = time.perf_counter() - progress.started
                 row["runs"].append(run)
+                curve = run["curve"]
+                print(
+                    f"    final val loss {run['final_val_loss']:.4f} after {curve['seconds'][-1]:.0f} s of "
+                    f"training; curve {list(zip(curve['seconds'], curve['val_losses'], strict=True))}",
+                    file=sys.stderr,
+                )
             except RunFailed as exc:
                 print(f"    failed: {exc}", file=sys.stderr)
                 row["failed"].append(str(exc))

@@ -15,6 +15,7 @@ from tinylm.interchange import InterchangeError, write_gguf, write_hf
 from tinylm.loss import lm_loss
 from tinylm.model import TinyLM, parameter_count
 from tinylm.run_folder import RunFolderError
+from tinylm.runtime import has_fast_bfloat16
 from tinylm.state import build_optimizer, learning_rate
 from tinylm.tokenizer import ByteTokenizer
 from tinylm.train import build_training, train, train_step
@@ -56,6 +57,17 @@ def test_muon_takes_the_blocks_matrices_and_adamw_everything_else_each_parameter
     assert {"embed.weight", "ln_f.weight", "blocks.0.attn.qk_norm.q.weight"} <= set(not_decayed)
     (group,) = muon.param_groups
     assert (group["weight_decay"], group["adjust_lr_fn"]) == (0.1, "match_rms_adamw")
+
+
+def test_muon_warns_where_bfloat16_is_not_native(tiny_model, caplog):
+    """PyTorch's Muon orthogonalises in bfloat16 on every device: emulated bfloat16 makes each step crawl."""
+    with caplog.at_level("WARNING", logger="tinylm.state"):
+        build_optimizer(tiny_model(), TrainConfig(optimizer="muon"))
+    assert ("no native bfloat16" in caplog.text) == (not has_fast_bfloat16(CPU))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="tinylm.state"):
+        build_optimizer(tiny_model(), TrainConfig())
+    assert "bfloat16" not in caplog.text
 
 
 def test_muon_lowers_the_loss_on_a_fixed_batch_and_the_schedule_sets_every_rate(make_config):

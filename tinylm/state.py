@@ -8,6 +8,7 @@ position needs nothing more: a run stopped and resumed computes exactly the loss
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from dataclasses import asdict, dataclass, field
@@ -19,6 +20,9 @@ from torch import nn
 
 from tinylm.config import ModelConfig, TrainConfig
 from tinylm.model import TinyLM
+from tinylm.runtime import has_fast_bfloat16
+
+logger = logging.getLogger(__name__)
 
 # Evaluations without a new best validation loss, while training loss falls, before the run says it overfits.
 OVERFIT_EVALS = 3
@@ -192,6 +196,14 @@ def build_optimizer(model: TinyLM, train: TrainConfig, *, fused: bool | None = N
     adamw = torch.optim.AdamW(groups, lr=train.learning_rate, betas=(0.9, 0.95), **options)
     if train.optimizer == "adamw":
         return adamw
+    device = next(model.parameters()).device
+    if not has_fast_bfloat16(device):
+        # torch.optim.Muon orthogonalises every update in bfloat16, whatever the device computes it in.
+        logger.warning(
+            "train.optimizer muon: this %s has no native bfloat16, and PyTorch's Muon computes its update in "
+            "bfloat16, so each step will be much slower than with adamw (see docs/benchmarks.md)",
+            device.type,
+        )
     return CombinedOptimizer(
         adamw=adamw,
         muon=torch.optim.Muon(
