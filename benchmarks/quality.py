@@ -155,6 +155,14 @@ RECIPES: dict[str, dict[str, Any]] = {
     "reference": {"model.arch": "tinylm"},
     # GPT-2's design, tied output layer as in the v2-gpt2 preset (and nanoGPT).
     "gpt2": {"model.arch": "gpt2", "model.tie_weights": True},
+    # The v2-fast preset's recipe on the shape's own size and learning rate: Llama's design (SwiGLU at two
+    # thirds of the width), the output layer tied, warm-up/stable/decay.
+    "fast": {
+        "model.arch": "llama",
+        "model.tie_weights": True,
+        "model.norm_eps": 1e-6,
+        "train.schedule": "wsd",
+    },
 }
 
 
@@ -181,13 +189,18 @@ def resolve_shape(shape: Shape, args: argparse.Namespace) -> Shape:
     )
 
 
-def tinylm_overrides(shape: Shape, *, text: Path, gpt2_ranks: Path, seed: int) -> dict[str, Any]:
-    """The shape as tinylm config fields: what every recipe starts from."""
+def tinylm_overrides(
+    shape: Shape, recipe: dict[str, Any], *, text: Path, gpt2_ranks: Path, seed: int
+) -> dict[str, Any]:
+    """The shape as tinylm config fields, with the recipe's on top. A SwiGLU feed-forward (arch llama)
+    gets two thirds of the shape's width unless the recipe sets one: its three matrices then hold as many
+    weights, and cost as much, as GELU's two (Llama's rule)."""
+    swiglu = recipe.get("model.arch") == "llama"
     return {
         "model.d_model": shape.n_embd,
         "model.n_heads": shape.n_head,
         "model.n_layers": shape.n_layer,
-        "model.d_ff": shape.d_ff,
+        "model.d_ff": 8 * round(2 * shape.d_ff / 3 / 8) if swiglu else shape.d_ff,
         "model.max_seq_length": shape.block,
         "model.dropout": 0.0,
         "data.source": str(text),
@@ -207,6 +220,7 @@ def tinylm_overrides(shape: Shape, *, text: Path, gpt2_ranks: Path, seed: int) -
         "train.device": "cpu",
         "train.precision": "fp32",  # as nanoGPT trains on a CPU
         "train.compile": False,
+        **recipe,
     }
 
 
@@ -500,7 +514,7 @@ def run_worker(spec: dict[str, Any], progress: Progress | None = None) -> dict[s
 def run_tinylm(
     shape: Shape, recipe: dict[str, Any], *, seed: int, args: argparse.Namespace, progress: Progress
 ) -> dict[str, Any]:
-    overrides = {**tinylm_overrides(shape, text=args.text, gpt2_ranks=args.gpt2_ranks, seed=seed), **recipe}
+    overrides = tinylm_overrides(shape, recipe, text=args.text, gpt2_ranks=args.gpt2_ranks, seed=seed)
     spec = {
         "kind": "tinylm",
         "overrides": overrides,
@@ -914,9 +928,11 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     for shape in shapes:  # a misspelt key or value fails now, not after an hour
         for name in chosen:
-            base = tinylm_overrides(shape, text=args.text, gpt2_ranks=args.gpt2_ranks, seed=FIRST_SEED)
+            overrides = tinylm_overrides(
+                shape, recipes[name], text=args.text, gpt2_ranks=args.gpt2_ranks, seed=FIRST_SEED
+            )
             try:
-                apply_overrides(preset("v2"), {**base, **recipes[name]}).validate()
+                apply_overrides(preset("v2"), overrides).validate()
             except ConfigError as exc:
                 sys.exit(f"error: recipe {name}: {exc}")
     text = args.text.read_text(encoding="utf-8")

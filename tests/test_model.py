@@ -48,7 +48,9 @@ def test_every_architecture_has_a_design():
     assert set(DESIGNS) == set(ARCHITECTURES)
 
 
-@pytest.mark.parametrize(("name", "count"), [("v2-gpt2", 11_453_760), ("v2-llama", 11_223_936)])
+@pytest.mark.parametrize(
+    ("name", "count"), [("v2-gpt2", 11_453_760), ("v2-llama", 11_223_936), ("v2-fast", 11_420_544)]
+)
 def test_parameter_counts_of_the_other_architectures(name, count):
     config = preset(name).model
     assert parameter_count(config) == count
