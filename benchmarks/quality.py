@@ -156,12 +156,11 @@ RECIPES: dict[str, dict[str, Any]] = {
     # GPT-2's design, tied output layer as in the v2-gpt2 preset (and nanoGPT).
     "gpt2": {"model.arch": "gpt2", "model.tie_weights": True},
     # The v2-fast preset's recipe on the shape's own size and learning rate: Llama's design (SwiGLU at two
-    # thirds of the width), the output layer tied, warm-up/stable/decay.
+    # thirds of the width), the output layer tied.
     "fast": {
         "model.arch": "llama",
         "model.tie_weights": True,
         "model.norm_eps": 1e-6,
-        "train.schedule": "wsd",
     },
 }
 
