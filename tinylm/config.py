@@ -304,7 +304,7 @@ V2_LLAMA = replace(
 )
 # The recipe that learned fastest per minute in benchmarks/quality.py, against nanoGPT's own train.py
 # (docs/benchmarks.md): Llama's design (rotary positions, RMSNorm, SwiGLU), the output layer tied to the
-# embedding (SwiGLU at two thirds of GELU's width: as many weights), a five times higher learning rate.
+# embedding (SwiGLU at two thirds of GELU's width: as many weights), and the benchmark's learning rate.
 V2_FAST = replace(
     V2,
     model=replace(V2.model, arch="llama", d_ff=512, tie_weights=True, norm_eps=1e-6),
