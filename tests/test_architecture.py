@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "tinylm"
 
 # Bottom to top; a module may import from strictly lower layers only.
 LAYERS = [
-    {"config", "prompts", "tokenizer", "tracking", "kernels", "data.cache", "data.synthetic"},
+    {"config", "prompts", "tokenizer", "tracking", "kernels", "threads", "data.cache", "data.synthetic"},
     {"runtime", "plot", "model", "data.sources"},
     {"distributed", "loss", "generate", "interchange", "state", "data.instructions"},
     {"checkpoint", "conversation", "data.tokens", "data.mixture"},

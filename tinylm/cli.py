@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -525,9 +524,9 @@ COMMANDS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
-    # Idle OpenMP threads sleep instead of spinning: where other work shares the cores, spinning threads
-    # made training 2-5x slower (docs/benchmarks.md). It must be set before torch loads.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from tinylm.threads import choose_thread_waiting
+
+    choose_thread_waiting()  # before torch loads
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
     try:
         return COMMANDS[args.command](args)
