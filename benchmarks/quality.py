@@ -71,6 +71,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from tinylm.threads import choose_thread_waiting  # noqa: E402
+
 SHARED = REPO.parent / "shared" / "data"
 SHAKESPEARE = SHARED / "tinyshakespeare.txt"
 GPT2_RANKS = SHARED / "gpt2.tiktoken"
@@ -463,11 +465,9 @@ def nanogpt_eval_worker(spec: dict[str, Any]) -> None:
 
 
 def child_env() -> dict[str, str]:
-    # Every run gets tinylm's sleeping OpenMP threads (as `tinylm train` sets them), nanoGPT's too, and no
-    # run writes bytecode (nanoGPT's model.py is imported from its checkout).
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONDONTWRITEBYTECODE": "1"}
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    return env
+    # Every run, nanoGPT's too, gets how tinylm's threads wait (chosen once by `main`, as `tinylm train`
+    # chooses), and no run writes bytecode (nanoGPT's model.py is imported from its checkout).
+    return {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONDONTWRITEBYTECODE": "1"}
 
 
 class RunFailed(RuntimeError):
@@ -904,6 +904,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         spec = json.loads(args.worker)
         (tinylm_worker if spec["kind"] == "tinylm" else nanogpt_eval_worker)(spec)
         return
+    choose_thread_waiting()  # once, for every run (the runs are subprocesses that inherit it)
     if args.quick:
         args.steps, args.eval_interval, args.eval_iters = 4, 2, 2
     names = list(SHAPES) if args.shape == "all" else [args.shape]

@@ -40,6 +40,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from tinylm.threads import USER_SETTINGS, choose_thread_waiting  # noqa: E402
+
 SHARED = REPO.parent / "shared" / "data"
 SHAKESPEARE = SHARED / "tinyshakespeare.txt"
 GPT2_RANKS = SHARED / "gpt2.tiktoken"
@@ -68,7 +70,7 @@ class Row:
     overrides: dict[str, Any] = field(default_factory=dict)
     adamw: str = "fused"
     keep_freed_memory: bool = True
-    # OpenMP's own default (spin, then sleep) instead of tinylm's sleeping threads.
+    # OpenMP's own default (spin long, then sleep) instead of how tinylm's threads wait (tinylm.threads).
     spin_wait: bool = False
     threads: int | None = None
     bf16: bool = False
@@ -443,11 +445,12 @@ def matmul_peaks(repeats: int = 3) -> dict[str, float]:
 
 
 def run_worker(spec: dict[str, Any]) -> dict[str, Any] | None:
-    # Every row, the peers' too, gets tinylm's sleeping OpenMP threads (as `tinylm train` sets them),
-    # except the row that measures OpenMP's default.
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_WAIT_POLICY": "PASSIVE"}
+    # Every row, the peers' too, gets how tinylm's threads wait (chosen once, as `tinylm train` chooses),
+    # except the row that measures OpenMP's own default.
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     if spec["spin_wait"]:
-        del env["OMP_WAIT_POLICY"]
+        for name in USER_SETTINGS:
+            env.pop(name, None)
     proc = subprocess.run(
         [sys.executable, __file__, "--worker", json.dumps(spec)],
         capture_output=True,
@@ -518,7 +521,7 @@ def main() -> None:
     if args.worker:
         worker(json.loads(args.worker))
         return
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the rows run, before torch loads here
+    choose_thread_waiting()  # as the rows run, before torch loads here
     for path in (SHAKESPEARE, GPT2_RANKS):
         if not path.is_file():
             sys.exit(f"error: {path} is missing (the shared data folder beside the repository)")
