@@ -47,7 +47,7 @@ def test_presets_are_valid(name):
     assert preset(name).validate() == preset(name)
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("name", sorted(set(PRESETS) - {"demo"}))  # the demo's recipe is its own
 def test_presets_keep_the_reference_optimizer_schedule_and_attention(name):
     c = preset(name)
     assert (c.train.optimizer, c.train.schedule, c.model.qk_norm) == ("adamw", "cosine", False)
