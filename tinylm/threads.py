@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Mapping
 
 # Busy-wait loops before a libgomp thread sleeps: longer than the gap between two of a step's operations,
 # short enough that an idle server's threads are asleep almost at once.
@@ -47,18 +46,16 @@ def _cpu_times() -> tuple[int, int]:
     return sum(fields), fields[3] + fields[4]
 
 
-def wait_settings(environ: Mapping[str, str], *, busy: float) -> dict[str, str]:
-    """The environment variables to set: spin briefly on an idle machine, sleep at once on a busy one, and
-    nothing when the user chose."""
-    if any(name in environ for name in USER_SETTINGS):
-        return {}
+def wait_settings(busy: float) -> dict[str, str]:
+    """The environment variables to set: spin briefly on an idle machine, sleep at once on a busy one."""
     if busy < IDLE_BELOW:
         return {"GOMP_SPINCOUNT": SPIN_COUNT}
     return {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 def choose_thread_waiting() -> None:
-    """Set how threads wait, if torch has not loaded yet (OpenMP reads the setting once, when it starts)."""
+    """Set how threads wait, unless the user chose or torch has loaded (OpenMP reads the setting once, when
+    it starts)."""
     if "torch" in sys.modules or any(name in os.environ for name in USER_SETTINGS):
         return
-    os.environ.update(wait_settings(os.environ, busy=busy_cpus()))
+    os.environ.update(wait_settings(busy_cpus()))
